@@ -1,0 +1,151 @@
+"""Paged attention over the scheduler's block tables, in plain PyTorch (CPU and CUDA).
+
+The packed batch mixes decode tokens (one query per sequence) and prefill chunks (many). The
+metadata splits them into at most two groups, each served by ONE batched SDPA call over keys
+gathered from the paged cache through padded block tables, so no Python loop runs over
+sequences. Grouped-query attention folds the query heads that share a KV head into the query
+axis ([B, kv_heads, group*Q, D]), so keys are never repeated. The metadata is built once per
+step (numpy for index arithmetic) and shared by every layer. Fast fused kernels (Triton) replace
+`PagedAttention.forward` in a later issue behind the same metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences attended together: token_index [B, Q] into the packed batch."""
+
+    token_index: torch.Tensor  # int64 [B, Q] (padding repeats a valid index)
+    valid: torch.Tensor | None  # bool [B, Q]; None when every query is valid (decode)
+    block_tables: torch.Tensor  # int64 [B, num_blocks]
+    mask: torch.Tensor  # bool [B, 1, group*Q, L], True = attend
+    out_index: torch.Tensor  # int64 [n_valid]: packed positions of the valid queries
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # int64 [T]: cache slot (block * block_size + offset) per token
+    groups: list[AttentionGroup]
+    num_tokens: int
+
+
+def build_attention_metadata(
+    num_computed: np.ndarray,
+    num_scheduled: np.ndarray,
+    block_tables: np.ndarray,
+    block_size: int,
+    heads_per_kv: int,
+    sliding_window: int | None,
+    device: torch.device,
+) -> tuple[AttentionMetadata, np.ndarray]:
+    """Index arithmetic for one step. Returns the metadata and each token's position.
+
+    num_computed/num_scheduled: int64 [S]; block_tables: int64 [S, max_blocks] padded with 0
+    (the null block). Tokens of sequence s occupy a contiguous range of the packed batch.
+    """
+    num_seqs = len(num_scheduled)
+    starts = np.zeros(num_seqs, dtype=np.int64)
+    np.cumsum(num_scheduled[:-1], out=starts[1:])
+    total = int(num_scheduled.sum())
+    token_seq = np.repeat(np.arange(num_seqs), num_scheduled)
+    positions = num_computed[token_seq] + (np.arange(total) - starts[token_seq])
+    slots = block_tables[token_seq, positions // block_size] * block_size + positions % block_size
+
+    groups = []
+    decode = np.nonzero(num_scheduled == 1)[0]
+    prefill = np.nonzero(num_scheduled > 1)[0]
+    for members in (decode, prefill):
+        if len(members):
+            groups.append(
+                _group(
+                    members, starts, num_computed, num_scheduled, block_tables, block_size,
+                    heads_per_kv, sliding_window, device,
+                )
+            )
+    meta = AttentionMetadata(
+        slot_mapping=torch.from_numpy(slots).to(device, non_blocking=True),
+        groups=groups,
+        num_tokens=total,
+    )
+    return meta, positions
+
+
+def _group(
+    members: np.ndarray,
+    starts: np.ndarray,
+    num_computed: np.ndarray,
+    num_scheduled: np.ndarray,
+    block_tables: np.ndarray,
+    block_size: int,
+    heads_per_kv: int,
+    sliding_window: int | None,
+    device: torch.device,
+) -> AttentionGroup:
+    n = num_scheduled[members]
+    ctx = num_computed[members] + n
+    q_len = int(n.max())
+    num_blocks = int(-(-int(ctx.max()) // block_size))
+    kv_len = num_blocks * block_size
+    q_offsets = np.arange(q_len)
+    valid = q_offsets[None, :] < n[:, None]
+    token_index = starts[members][:, None] + np.minimum(q_offsets[None, :], n[:, None] - 1)
+    q_pos = num_computed[members][:, None] + q_offsets[None, :]  # [B, Q]
+    k_pos = np.arange(kv_len)
+    mask = k_pos[None, None, :] <= q_pos[:, :, None]  # causal, also hides padding keys
+    if sliding_window is not None:
+        mask &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+    mask |= ~valid[:, :, None]  # padded queries attend everywhere (their output is dropped)
+    mask = np.tile(mask, (1, heads_per_kv, 1))[:, None]  # [B, 1, group*Q, L]
+    all_valid = bool(valid.all())
+    return AttentionGroup(
+        token_index=torch.from_numpy(token_index).to(device, non_blocking=True),
+        valid=None if all_valid else torch.from_numpy(valid).to(device, non_blocking=True),
+        block_tables=torch.from_numpy(
+            np.ascontiguousarray(block_tables[members, :num_blocks])
+        ).to(device, non_blocking=True),
+        mask=torch.from_numpy(mask).to(device, non_blocking=True),
+        out_index=torch.from_numpy(token_index[valid]).to(device, non_blocking=True),
+    )
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store this step's keys/values ([T, kv_heads, D]) into their cache slots."""
+    kv_heads, dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, kv_heads, dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, kv_heads, dim).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, heads, D]; caches: [num_blocks, block_size, kv_heads, D]. Returns [T, heads, D]."""
+    heads, dim = q.shape[1], q.shape[2]
+    kv_heads = k_cache.shape[2]
+    group_size = heads // kv_heads
+    out = torch.empty_like(q)
+    for g in meta.groups:
+        b, q_len = g.token_index.shape
+        # [B, Q, H, D] -> [B, KVH, G*Q, D]: the G query heads of one KV head share its keys.
+        qg = q[g.token_index].view(b, q_len, kv_heads, group_size, dim)
+        qg = qg.permute(0, 2, 3, 1, 4).reshape(b, kv_heads, group_size * q_len, dim)
+        keys = k_cache[g.block_tables].flatten(1, 2).transpose(1, 2)  # [B, KVH, L, D]
+        values = v_cache[g.block_tables].flatten(1, 2).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=g.mask, scale=scale)
+        o = o.view(b, kv_heads, group_size, q_len, dim).permute(0, 3, 1, 2, 4)  # [B, Q, KVH, G, D]
+        o = o.reshape(b, q_len, heads, dim)
+        out[g.out_index] = o.reshape(b * q_len, heads, dim) if g.valid is None else o[g.valid]
+    return out

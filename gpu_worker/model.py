@@ -1,0 +1,202 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2/2.5, SmolLM2) over a paged KV cache.
+
+One forward runs the packed batch of a step: every token of every scheduled sequence, prefill
+chunks and decode tokens together, as [T, hidden] tensors, so each projection is one matmul for
+the whole batch. Q/K/V and gate/up projections are fused into single weights at load time (fewer,
+larger matmuls). Arithmetic follows Hugging Face's modeling code step for step (RMSNorm in float32,
+rotate-half RoPE, residual order), which is what the greedy-equality tests check.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpu_worker.attention import AttentionMetadata, paged_attention, write_kv
+from gpu_worker.model_config import ModelConfig
+from gpu_worker.rope import RotaryEmbedding, apply_rotary
+
+
+class WeightLoadError(ValueError):
+    """The checkpoint does not fit the model: a missing, unexpected or misshapen tensor."""
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        kw = {"dtype": dtype, "device": device}
+        h, q, kv = cfg.hidden_size, cfg.q_size, cfg.kv_size
+        self.cfg = cfg
+        self.input_norm = nn.Parameter(torch.ones(h, **kw), requires_grad=False)
+        self.qkv = nn.Parameter(torch.empty(q + 2 * kv, h, **kw), requires_grad=False)
+        self.qkv_bias = (
+            nn.Parameter(torch.zeros(q + 2 * kv, **kw), requires_grad=False) if cfg.qkv_bias else None
+        )
+        self.o_proj = nn.Parameter(torch.empty(h, q, **kw), requires_grad=False)
+        self.post_norm = nn.Parameter(torch.ones(h, **kw), requires_grad=False)
+        self.gate_up = nn.Parameter(torch.empty(2 * cfg.intermediate_size, h, **kw), requires_grad=False)
+        self.down = nn.Parameter(torch.empty(h, cfg.intermediate_size, **kw), requires_grad=False)
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        t = x.shape[0]
+        residual = x
+        h = rms_norm(x, self.input_norm, cfg.rms_norm_eps)
+        qkv = F.linear(h, self.qkv, self.qkv_bias)
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = apply_rotary(q.view(t, cfg.num_attention_heads, cfg.head_dim), cos, sin)
+        k = apply_rotary(k.view(t, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
+        v = v.reshape(t, cfg.num_key_value_heads, cfg.head_dim)
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        attn = paged_attention(q, k_cache, v_cache, meta, self.scale)
+        x = residual + F.linear(attn.view(t, cfg.q_size), self.o_proj)
+        residual = x
+        h = rms_norm(x, self.post_norm, cfg.rms_norm_eps)
+        gate, up = F.linear(h, self.gate_up).chunk(2, dim=-1)
+        return residual + F.linear(F.silu(gate) * up, self.down)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int):
+        super().__init__()
+        kw = {"dtype": dtype, "device": device}
+        self.cfg = cfg
+        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, **kw), requires_grad=False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_hidden_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size, **kw), requires_grad=False)
+        self.lm_head = (
+            self.embed
+            if cfg.tie_word_embeddings
+            else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, **kw), requires_grad=False)
+        )
+        self.rope = RotaryEmbedding(cfg, max_positions, device, dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """Hidden states [T, hidden] before the final norm (computed only for sampled rows)."""
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.rope.lookup(positions)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, k_cache, v_cache, meta)
+        return x
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [N, vocab] for the rows that will be sampled."""
+        h = rms_norm(hidden, self.norm, self.cfg.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()
+
+    # ------------------------------------------------------------------ weights
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors into the fused parameters; every one must be filled."""
+        cfg = self.cfg
+        q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+        slices = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}
+        pending = {name for name, _ in self._targets()}
+        for name, tensor in weights:
+            target = self._target(name, slices, inter)
+            if target is None:
+                continue
+            param_name, param, rows = target
+            dest = param if rows is None else param[rows[0] : rows[1]]
+            if tuple(dest.shape) != tuple(tensor.shape):
+                raise WeightLoadError(
+                    f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dest.shape)}"
+                )
+            dest.copy_(tensor.to(dest.dtype))
+            pending.discard(f"{param_name}{'' if rows is None else rows}")
+        if pending:
+            raise WeightLoadError(f"checkpoint lacks {len(pending)} tensors, e.g. {sorted(pending)[:3]}")
+
+    def _targets(self) -> list[tuple[str, None]]:
+        """Names of every piece that must be loaded (fused parameters count per slice)."""
+        cfg = self.cfg
+        q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+        names = ["embed", "norm"] + ([] if cfg.tie_word_embeddings else ["lm_head"])
+        for i in range(cfg.num_hidden_layers):
+            p = f"layers.{i}."
+            names += [p + "input_norm", p + "o_proj", p + "post_norm", p + "down"]
+            for rows in ((0, q), (q, q + kv), (q + kv, q + 2 * kv)):
+                names.append(f"{p}qkv{rows}")
+                if cfg.qkv_bias:
+                    names.append(f"{p}qkv_bias{rows}")
+            names += [f"{p}gate_up{(0, inter)}", f"{p}gate_up{(inter, 2 * inter)}"]
+        return [(n, None) for n in names]
+
+    def _target(
+        self, name: str, slices: dict[str, tuple[int, int]], inter: int
+    ) -> tuple[str, torch.Tensor, tuple[int, int] | None] | None:
+        if name in ("model.embed_tokens.weight",):
+            return "embed", self.embed, None
+        if name == "model.norm.weight":
+            return "norm", self.norm, None
+        if name == "lm_head.weight":
+            return None if self.cfg.tie_word_embeddings else ("lm_head", self.lm_head, None)
+        if not name.startswith("model.layers.") or "rotary_emb" in name:
+            if "rotary_emb" in name:
+                return None
+            raise WeightLoadError(f"unexpected tensor in checkpoint: {name}")
+        rest = name[len("model.layers.") :]
+        idx_str, _, sub = rest.partition(".")
+        try:
+            layer: DecoderLayer = self.layers[int(idx_str)]  # type: ignore[assignment]
+        except (ValueError, IndexError) as exc:
+            raise WeightLoadError(f"unexpected tensor in checkpoint: {name}") from exc
+        p = f"layers.{idx_str}."
+        simple = {
+            "input_layernorm.weight": ("input_norm", layer.input_norm),
+            "post_attention_layernorm.weight": ("post_norm", layer.post_norm),
+            "self_attn.o_proj.weight": ("o_proj", layer.o_proj),
+            "mlp.down_proj.weight": ("down", layer.down),
+        }
+        if sub in simple:
+            n, param = simple[sub]
+            return p + n, param, None
+        module, _, kind = sub.rpartition(".")
+        proj = module.rpartition(".")[2]
+        if proj in slices and kind == "weight":
+            return p + "qkv", layer.qkv, slices[proj]
+        if proj in slices and kind == "bias" and layer.qkv_bias is not None:
+            return p + "qkv_bias", layer.qkv_bias, slices[proj]
+        if proj == "gate_proj" and kind == "weight":
+            return p + "gate_up", layer.gate_up, (0, inter)
+        if proj == "up_proj" and kind == "weight":
+            return p + "gate_up", layer.gate_up, (inter, 2 * inter)
+        raise WeightLoadError(f"unexpected tensor in checkpoint: {name}")
+
+    def init_dummy_weights(self, seed: int) -> None:
+        """Random weights of the right shapes (benchmarks, tests): N(0, 0.02), norms 1, biases 0."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        for name, param in self.named_parameters():
+            if "norm" in name:
+                param.fill_(1.0)
+            elif "bias" in name:
+                param.zero_()
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)

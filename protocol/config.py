@@ -1,0 +1,184 @@
+"""Every setting, defined once: its type, default, help, CLI flag and PDSERVE_* variable.
+
+A settings group is a frozen msgspec struct; `SETTING_HELP` documents each field. The flag of
+field `max_num_seqs` is `--max-num-seqs` and its variable `PDSERVE_MAX_NUM_SEQS`. Precedence:
+flag > environment > default. Groups cross sockets unchanged (the scheduler sends the worker its
+settings in a later issue), so they are plain data with no behaviour beyond checking ranges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Mapping, TypeVar, get_args, get_origin
+
+import msgspec
+
+ENV_PREFIX = "PDSERVE_"
+
+
+class ConfigError(ValueError):
+    """A setting is out of range or inconsistent with another."""
+
+
+class ModelSettings(msgspec.Struct, frozen=True, kw_only=True):
+    model: str = "smollm2-135m"
+    load_format: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    cache_dir: str = str(Path("~/.cache/pdserve"))
+    max_model_len: int | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        _choice("load_format", self.load_format, ("auto", "safetensors", "gguf", "dummy"))
+        _choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _choice("device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+class CacheSettings(msgspec.Struct, frozen=True, kw_only=True):
+    block_size: int = 16
+    memory_utilization: float | None = None
+    num_kv_blocks: int | None = None
+    enable_prefix_caching: bool = True
+
+    def validate(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
+        if self.memory_utilization is not None and not 0.0 < self.memory_utilization <= 1.0:
+            raise ConfigError(f"memory_utilization must be in (0, 1], got {self.memory_utilization}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ConfigError(f"num_kv_blocks must be >= 2, got {self.num_kv_blocks}")
+
+
+class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True):
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 1024
+    scheduling_policy: str = "fcfs"
+    max_waiting_requests: int = 4096
+
+    def validate(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        _choice("scheduling_policy", self.scheduling_policy, ("fcfs", "priority"))
+
+
+class EndpointSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Where the pipeline's sockets live; `protocol.endpoints.Endpoints.from_settings` reads it."""
+
+    run_dir: str | None = None
+    tcp_host: str | None = None
+    tcp_base_port: int | None = None
+
+    def validate(self) -> None:
+        if (self.tcp_host is None) != (self.tcp_base_port is None):
+            raise ConfigError("tcp_host and tcp_base_port must be given together")
+        if self.tcp_base_port is not None and not 1 <= self.tcp_base_port <= 65535:
+            raise ConfigError(f"tcp_base_port must be in [1, 65535], got {self.tcp_base_port}")
+
+
+SETTING_HELP: dict[str, str] = {
+    "model": "model: 'smollm2-135m' (bundled), a Hugging Face directory, or a .gguf file",
+    "load_format": "auto | safetensors | gguf | dummy (random weights of the model's shapes)",
+    "dtype": "auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16",
+    "device": "auto | cpu | cuda | cuda:N",
+    "cache_dir": "where converted models are cached",
+    "max_model_len": "context length (default: the model's own)",
+    "seed": "base seed for dummy weights and for requests without a seed",
+    "block_size": "tokens per KV-cache block",
+    "memory_utilization": "fraction of device memory (CUDA: total; CPU: available RAM) for "
+    "weights + KV cache (default 0.9 on CUDA, 0.25 on CPU)",
+    "num_kv_blocks": "use exactly this many KV blocks (overrides memory_utilization)",
+    "enable_prefix_caching": "reuse the KV blocks of a shared prompt prefix",
+    "max_num_seqs": "most sequences in one step",
+    "max_num_batched_tokens": "token budget of one step (prefill chunks + decodes)",
+    "scheduling_policy": "fcfs | priority (lower priority value runs first)",
+    "max_waiting_requests": "bound of the waiting queue; past it new requests are refused",
+    "run_dir": "directory of the ipc:// sockets (default: a fresh temporary directory)",
+    "tcp_host": "use tcp:// sockets on this host instead of ipc:// (needs tcp_base_port)",
+    "tcp_base_port": "first of the consecutive tcp ports, one per socket (needs tcp_host)",
+}
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, group: type[msgspec.Struct]) -> None:
+    """Add one flag per field of `group`; unset flags stay None so env/defaults can apply."""
+    for f in msgspec.structs.fields(group):
+        help_text = SETTING_HELP.get(f.name, "")
+        help_text += f" [env {env_name(f.name)}; default {f.default!r}]"
+        if _base_type(f.type) is bool:
+            parser.add_argument(
+                flag_name(f.name), dest=f.name, default=None,
+                action=argparse.BooleanOptionalAction, help=help_text,
+            )
+        else:
+            parser.add_argument(
+                flag_name(f.name), dest=f.name, default=None, metavar=f.name.upper(),
+                help=help_text,
+            )
+
+
+def settings_from(
+    group: type[S], args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None
+) -> S:
+    """Build `group` from flags (if given), then PDSERVE_* variables, then defaults; validate."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in msgspec.structs.fields(group):
+        raw = getattr(args, f.name, None) if args is not None else None
+        if raw is None and env_name(f.name) in env:
+            raw = env[env_name(f.name)]
+        if raw is None:
+            continue
+        values[f.name] = _convert(f.name, raw, f.type)
+    try:
+        settings = group(**values)
+    except (TypeError, msgspec.ValidationError) as exc:
+        raise ConfigError(str(exc)) from exc
+    validate = getattr(settings, "validate", None)
+    if validate is not None:
+        validate()
+    return settings
+
+
+def _base_type(tp: Any) -> Any:
+    args = [a for a in get_args(tp) if a is not type(None)]
+    return args[0] if get_origin(tp) is not None and len(args) == 1 else tp
+
+
+def _convert(name: str, raw: Any, tp: Any) -> Any:
+    if isinstance(raw, str):
+        base = _base_type(tp)
+        if raw.lower() in ("", "none") and base is not tp:
+            return None
+        if base is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{name}: expected a boolean, got {raw!r}")
+    try:
+        return msgspec.convert(raw, tp, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{name}: {exc} (got {raw!r})") from exc
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")

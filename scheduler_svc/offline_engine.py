@@ -1,0 +1,103 @@
+"""The offline engine: scheduler and model runner in one process, no sockets.
+
+`pdserve generate` and the tests drive it. The loop is the one the scheduler process runs in the
+service pipeline (plan, execute, update), with the worker called directly instead of over ZeroMQ;
+the plan and result are the same protocol messages either way.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from gpu_worker.runner import ModelRunner
+from protocol.config import CacheSettings, ModelSettings, SchedulerSettings
+from protocol.messages import AddRequest, FinishReason, RequestOutput
+from scheduler_svc.kv_cache_manager import KVCacheManager
+from scheduler_svc.scheduler import Scheduler
+
+
+@dataclass
+class Completion:
+    """Everything one request produced, gathered from its RequestOutputs."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    stop_token_id: int | None = None
+    logprobs: list = field(default_factory=list)
+    num_cached_tokens: int = 0
+    error: str = ""
+
+
+class OfflineEngine:
+    def __init__(
+        self,
+        model: ModelSettings,
+        cache: CacheSettings,
+        scheduler: SchedulerSettings,
+        check_integrity: bool = False,
+    ) -> None:
+        self.runner = ModelRunner(
+            model, cache, scheduler.max_num_batched_tokens, scheduler.max_num_seqs
+        )
+        self.kv = KVCacheManager(
+            self.runner.num_kv_blocks, cache.block_size, cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            scheduler, self.kv, self.runner.max_model_len, self.runner.vocab_size, model.seed
+        )
+        self.check_integrity = check_integrity
+        self.num_steps = 0
+
+    @property
+    def max_model_len(self) -> int:
+        return self.runner.max_model_len
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        result = self.runner.execute(plan)
+        outputs = self.scheduler.update(result)
+        self.num_steps += 1
+        if self.check_integrity:
+            self.scheduler.check_integrity()
+        return outputs
+
+    def generate(self, requests: list[AddRequest]) -> list[Completion]:
+        """Run every request to completion; results in the order given."""
+        done = {
+            r.request_id: Completion(r.request_id, list(r.prompt_token_ids)) for r in requests
+        }
+        for r in requests:
+            self.scheduler.add_request(r)
+        while self.scheduler.has_unfinished:
+            for out in self.step():
+                _collect(done[out.request_id], out)
+        if self.scheduler.has_pending_forgets:  # let the worker drop finished sequences
+            self.runner.execute(self.scheduler.schedule())
+        return [done[r.request_id] for r in requests]
+
+
+def _collect(c: Completion, out: RequestOutput) -> None:
+    c.token_ids.extend(out.new_token_ids)
+    c.num_cached_tokens = out.num_cached_tokens
+    if out.logprobs is not None:
+        c.logprobs.append(out.logprobs)
+    if out.finish_reason is not None:
+        c.finish_reason = out.finish_reason
+        c.stop_token_id = out.stop_token_id
+        c.error = out.error
+
+
+def make_request(
+    request_id: str, prompt_token_ids: list[int], params, eos_token_ids: list[int], priority: int = 0
+) -> AddRequest:
+    return AddRequest(
+        request_id=request_id,
+        prompt_token_ids=prompt_token_ids,
+        params=params,
+        eos_token_ids=eos_token_ids,
+        arrival_time=time.time(),
+        priority=priority,
+    )

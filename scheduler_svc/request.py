@@ -1,0 +1,65 @@
+"""The scheduler's record of one request: tokens so far, progress, and why it ended."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from protocol.messages import FinishReason
+from protocol.sampling import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2  # waiting again, to be recomputed from scratch (its outputs are kept)
+    FINISHED = 3
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: list[int]
+    arrival_time: float
+    priority: int
+    seed: int
+    order: int  # admission counter: FCFS tie-break, and "newest" for preemption
+    token_ids: list[int] = field(default_factory=list)  # prompt + outputs, grown in place
+    num_computed_tokens: int = 0  # tokens whose KV is computed or scheduled to be
+    num_inflight_samples: int = 0  # scheduled samples whose token has not come back yet
+    status: RequestStatus = RequestStatus.WAITING
+    num_cached_tokens: int = -1  # prefix-cache hit at first admission; -1 until admitted
+    num_preemptions: int = 0
+    on_worker: bool = False  # the worker holds state for it (CachedSeq from now on)
+    finish_reason: FinishReason | None = None
+    stop_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens still to run, counting samples in flight as known (async scheduling)."""
+        return self.num_tokens + self.num_inflight_samples - self.num_computed_tokens
+
+    def sort_key(self, by_priority: bool) -> tuple[int, int]:
+        return (self.priority if by_priority else 0, self.order)

@@ -1,0 +1,318 @@
+"""Continuous batching for one worker: which tokens of which requests run in the next step.
+
+One loop, no separate prefill phase: each request's computed-token count catches up with its
+token count under a per-step token budget. Running requests go first (decodes and unfinished
+prefill chunks), then waiting ones are admitted, reusing cached prefix blocks. When blocks run out
+the newest running request (lowest priority first under the priority policy) is preempted: its
+blocks are freed and it is recomputed later from its prompt plus the outputs it already has, so
+no token is lost or repeated. Pure logic: no sockets, no clocks except arrival times it is given.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+
+import numpy as np
+
+from protocol.config import SchedulerSettings
+from protocol.messages import (
+    AddRequest,
+    CachedSeq,
+    FinishReason,
+    NewSeq,
+    RequestOutput,
+    StepPlan,
+    StepResult,
+    TokenLogprobs,
+)
+from scheduler_svc.kv_cache_manager import KVCacheManager
+from scheduler_svc.request import Request, RequestStatus
+from scheduler_svc.stop_checker import check_stop
+
+
+class RequestRejected(ValueError):
+    """A request that can never run here (too long, bad parameters); `param` names the cause."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at --max-waiting-requests; the caller should retry later."""
+
+
+class Scheduler:
+    def __init__(
+        self,
+        settings: SchedulerSettings,
+        kv: KVCacheManager,
+        max_model_len: int,
+        vocab_size: int,
+        seed: int = 0,
+    ) -> None:
+        self.settings = settings
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.by_priority = settings.scheduling_policy == "priority"
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[Request] = []  # sorted by sort_key
+        self.running: list[Request] = []  # sorted by sort_key; the tail is preempted first
+        self._worker_forget: list[str] = []
+        self._rng = random.Random(seed)
+        self._order = 0
+        self._step_id = 0
+        self._preempted_this_round = False
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ intake
+
+    def add_request(self, msg: AddRequest) -> None:
+        """Queue a request, or raise RequestRejected / QueueFull saying why it cannot be."""
+        if msg.request_id in self.requests:
+            raise RequestRejected(f"request id {msg.request_id!r} is already in use", "request_id")
+        n = len(msg.prompt_token_ids)
+        if n == 0:
+            raise RequestRejected("the prompt is empty", "prompt")
+        if n >= self.max_model_len:
+            raise RequestRejected(
+                f"the prompt has {n} tokens but the model's context is {self.max_model_len} "
+                f"tokens, which must also hold at least one generated token",
+                "prompt",
+            )
+        if any(t < 0 or t >= self.vocab_size for t in msg.prompt_token_ids):
+            raise RequestRejected(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
+        try:
+            msg.params.validate(self.vocab_size)
+        except ValueError as exc:
+            raise RequestRejected(str(exc), getattr(exc, "param", None)) from exc
+        if len(self.waiting) >= self.settings.max_waiting_requests:
+            raise QueueFull(f"{len(self.waiting)} requests are waiting already")
+        seed = msg.params.seed if msg.params.seed is not None else self._rng.getrandbits(63)
+        self._order += 1
+        req = Request(
+            request_id=msg.request_id,
+            prompt_token_ids=list(msg.prompt_token_ids),
+            params=msg.params,
+            eos_token_ids=list(msg.eos_token_ids),
+            arrival_time=msg.arrival_time,
+            priority=msg.priority,
+            seed=seed,
+            order=self._order,
+        )
+        self.requests[req.request_id] = req
+        self._insert(self.waiting, req)
+
+    def abort(self, request_ids: list[str], reason: FinishReason = FinishReason.ABORT) -> list[RequestOutput]:
+        """End these requests now and free their blocks; unknown ids are ignored."""
+        outputs = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            self._finish(req, reason)
+            outputs.append(self._output(req, []))
+        return outputs
+
+    # ------------------------------------------------------------------ planning
+
+    def schedule(self) -> StepPlan:
+        budget = self.settings.max_num_batched_tokens
+        new_seqs: list[NewSeq] = []
+        cached_seqs: list[CachedSeq] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_uncomputed_tokens, budget, self.max_model_len - req.num_computed_tokens)
+            if n <= 0:
+                i += 1
+                continue
+            new_blocks = self._allocate_or_preempt(req, n)
+            if new_blocks is None:  # req itself was preempted; it was the tail
+                preempted = True
+                break
+            if len(self.running) <= i or self.running[i] is not req:
+                raise AssertionError("preemption removed a request ahead of the current one")
+            preempted |= self._preempted_this_round
+            cached_seqs.append(
+                CachedSeq(req.request_id, new_blocks, req.num_computed_tokens, n)
+            )
+            self._advance(req, n)
+            budget -= n
+            i += 1
+        if not preempted:
+            budget = self._admit_waiting(budget, new_seqs)
+        self._step_id += 1
+        forget, self._worker_forget = self._worker_forget, []
+        return StepPlan(self._step_id, new_seqs, cached_seqs, forget)
+
+    def _allocate_or_preempt(self, req: Request, n: int) -> list[int] | None:
+        self._preempted_this_round = False
+        while True:
+            blocks = self.kv.allocate_slots(
+                req.request_id, req.token_ids, n, req.num_computed_tokens
+            )
+            if blocks is not None:
+                return blocks
+            victim = self.running[-1]
+            self._preempt(victim)
+            self._preempted_this_round = True
+            if victim is req:
+                return None
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req.request_id)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_inflight_samples = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        if req.on_worker:
+            self._worker_forget.append(req.request_id)
+            req.on_worker = False
+        self._insert(self.waiting, req)
+
+    def _admit_waiting(self, budget: int, new_seqs: list[NewSeq]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.settings.max_num_seqs:
+            req = self.waiting[0]
+            hit_blocks, num_hit = ([], 0)
+            if self.kv.enable_prefix_caching:
+                hit_blocks, num_hit = self.kv.get_computed_blocks(req.request_id, req.token_ids)
+            n = min(req.num_tokens - num_hit, budget)
+            blocks = self.kv.allocate_slots(
+                req.request_id, req.token_ids, n, num_hit, hit_blocks
+            )
+            if blocks is None:
+                break
+            self.waiting.pop(0)
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit
+            req.num_computed_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            req.on_worker = True
+            new_seqs.append(
+                NewSeq(
+                    request_id=req.request_id,
+                    token_ids=list(req.token_ids),
+                    num_prompt_tokens=req.num_prompt_tokens,
+                    block_ids=self.kv.block_ids(req.request_id),
+                    num_computed_tokens=num_hit,
+                    num_scheduled_tokens=n,
+                    params=req.params,
+                    eos_token_ids=req.eos_token_ids,
+                    seed=req.seed,
+                )
+            )
+            self._advance(req, n)
+            self._insert(self.running, req)
+            budget -= n
+        return budget
+
+    def _advance(self, req: Request, n: int) -> None:
+        req.num_computed_tokens += n
+        if req.num_computed_tokens == req.num_tokens + req.num_inflight_samples:
+            req.num_inflight_samples += 1  # this step samples the next token
+
+    # ------------------------------------------------------------------ results
+
+    def update(self, result: StepResult) -> list[RequestOutput]:
+        """Append sampled tokens, judge stops, and report each request's new tokens."""
+        outputs = []
+        tokens = result.sampled_token_ids.tolist()
+        for row, (rid, token) in enumerate(zip(result.request_ids, tokens)):
+            req = self.requests.get(rid)
+            if req is None or req.status != RequestStatus.RUNNING or req.num_inflight_samples == 0:
+                continue  # finished, aborted or preempted while the step ran: drop the sample
+            req.num_inflight_samples -= 1
+            req.token_ids.append(token)
+            reason, stop_id = check_stop(
+                token, req.num_output_tokens, req.num_tokens, req.params, req.eos_token_ids,
+                self.max_model_len,
+            )
+            logprobs = _logprob_row(result.logprobs, row, req.params.logprobs)
+            if reason is not None:
+                self.running.remove(req)
+                req.stop_token_id = stop_id
+                self._finish(req, reason)
+            outputs.append(self._output(req, [token], logprobs))
+        return outputs
+
+    def fail_step(self, plan: StepPlan, message: str) -> list[RequestOutput]:
+        """A worker could not run `plan`: end its requests with an error, keep serving others."""
+        ids = [s.request_id for s in plan.new_seqs] + [s.request_id for s in plan.cached_seqs]
+        outputs = []
+        for rid in ids:
+            req = self.requests.get(rid)
+            if req is None or req.status == RequestStatus.FINISHED:
+                continue
+            (self.running if req.status == RequestStatus.RUNNING else self.waiting).remove(req)
+            self._finish(req, FinishReason.ERROR)
+            outputs.append(self._output(req, [], error=message))
+        return outputs
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        self.kv.free(req.request_id)
+        if req.on_worker:
+            self._worker_forget.append(req.request_id)
+            req.on_worker = False
+        del self.requests[req.request_id]
+
+    def _output(
+        self, req: Request, new_tokens: list[int], logprobs: TokenLogprobs | None = None,
+        error: str = "",
+    ) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=new_tokens,
+            finish_reason=req.finish_reason,
+            stop_token_id=req.stop_token_id,
+            logprobs=logprobs,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+            error=error,
+        )
+
+    # ------------------------------------------------------------------ state
+
+    def _insert(self, queue: list[Request], req: Request) -> None:
+        bisect.insort(queue, req, key=lambda r: r.sort_key(self.by_priority))
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def has_pending_forgets(self) -> bool:
+        return bool(self._worker_forget)
+
+    def check_integrity(self) -> None:
+        """The KV accounting is sound and agrees with the request queues."""
+        self.kv.check_integrity()
+        for req in self.running:
+            assert req.status == RequestStatus.RUNNING, f"{req.request_id} in running as {req.status}"
+            covered = len(self.kv.block_ids(req.request_id)) * self.kv.block_size
+            assert covered >= req.num_computed_tokens, f"{req.request_id}: blocks cover {covered}"
+        for req in self.waiting:
+            assert not self.kv.block_ids(req.request_id), f"waiting {req.request_id} holds blocks"
+        assert self.kv.num_requests == len(self.running), "KV tables != running requests"
+        assert len(self.running) <= self.settings.max_num_seqs
+
+
+def _logprob_row(lp: TokenLogprobs | None, row: int, k: int | None) -> TokenLogprobs | None:
+    if lp is None or k is None:
+        return None
+    return TokenLogprobs(
+        token_ids=np.ascontiguousarray(lp.token_ids[row : row + 1, : k + 1]),
+        logprobs=np.ascontiguousarray(lp.logprobs[row : row + 1, : k + 1]),
+        ranks=np.ascontiguousarray(lp.ranks[row : row + 1]),
+    )
