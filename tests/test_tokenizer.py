@@ -27,13 +27,8 @@ CONVERSATIONS: list[list[dict[str, str]]] = [
 
 
 @pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return resolve_model("smollm2-135m", tmp_path_factory.mktemp("pdserve-cache"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_dir: Path) -> Tokenizer:
-    return Tokenizer.from_dir(smollm2_dir)
+def tokenizer(smollm2_tokenizer: Tokenizer) -> Tokenizer:
+    return smollm2_tokenizer
 
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
