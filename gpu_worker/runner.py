@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,7 +62,10 @@ class ModelRunner:
             torch.set_flush_denormal(True)
         self.dtype = resolve_dtype(model_settings.dtype, self.device)
         self.block_size = cache_settings.block_size
-        self.hf_dir = resolve_model(model_settings.model, _expand(model_settings.cache_dir))
+        self.hf_dir = resolve_model(
+            model_settings.model, Path(model_settings.cache_dir).expanduser(),
+            need_weights=model_settings.load_format != "dummy",
+        )
         self.config = ModelConfig.from_dir(self.hf_dir)
         cfg = self.config
         self.max_model_len = min(
@@ -177,9 +181,3 @@ def _sampling_row(state) -> SamplingRow:
         banned_token_ids=state.stop_ids if n_out < p.min_tokens else (),
         num_logprobs=p.logprobs,
     )
-
-
-def _expand(path: str):
-    from pathlib import Path
-
-    return Path(path).expanduser()

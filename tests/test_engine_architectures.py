@@ -80,3 +80,16 @@ def test_tiny_random_model_matches_transformers(name: str, tmp_path: Path):
     out = engine.generate([make_request(f"r{i}", p, params, [2]) for i, p in enumerate(prompts)])
     assert [c.token_ids for c in out] == refs
     assert len({tuple(r) for r in refs}) == len(refs)  # the model is not degenerate
+
+
+def test_dummy_weights_need_only_a_config(tmp_path: Path):
+    """--load-format dummy runs any config without weights (how benchmarks use real shapes)."""
+    _configs()["llama3-rope-scaling"].to_json_file(tmp_path / "config.json")
+    engine = OfflineEngine(
+        ModelSettings(model=str(tmp_path), load_format="dummy", seed=3),
+        CacheSettings(num_kv_blocks=32, block_size=8), SchedulerSettings(), check_integrity=True,
+    )
+    params = SamplingParams(max_tokens=6, min_tokens=6, temperature=0.0)
+    a = engine.generate([make_request("a", [5, 6, 7, 8], params, [2])])[0].token_ids
+    b = engine.generate([make_request("b", [5, 6, 7, 8], params, [2])])[0].token_ids
+    assert len(a) == 6 and a == b and all(0 <= t < 384 for t in a)

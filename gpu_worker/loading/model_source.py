@@ -58,11 +58,12 @@ def gguf_fingerprint(gguf_path: Path) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:8]
 
 
-def resolve_model(model: str, cache_dir: Path) -> Path:
+def resolve_model(model: str, cache_dir: Path, need_weights: bool = True) -> Path:
     """Return a Hugging Face model directory for ``model``, converting a GGUF on first use.
 
     ``model`` is a known alias (case-insensitive), a directory holding config.json and
-    *.safetensors, or a ``*.gguf`` file.
+    *.safetensors, or a ``*.gguf`` file. With ``need_weights=False`` (dummy weights) a directory
+    with only config.json is enough, which is how benchmarks run real shapes without weights.
     """
     if model.strip().lower() in KNOWN_ALIASES:
         gguf_path = bundled_gguf_path()
@@ -70,7 +71,7 @@ def resolve_model(model: str, cache_dir: Path) -> Path:
 
     path = Path(model).expanduser()
     if path.is_dir():
-        return _checked_hf_dir(path)
+        return _checked_hf_dir(path, need_weights)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelNotFoundError(f"model file {str(path)!r} is not a .gguf file nor a model directory")
@@ -91,10 +92,10 @@ def _looks_like_path(model: str) -> bool:
     return "/" in model or "\\" in model or model.startswith((".", "~")) or model.lower().endswith(".gguf")
 
 
-def _checked_hf_dir(path: Path) -> Path:
+def _checked_hf_dir(path: Path, need_weights: bool = True) -> Path:
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"model directory {str(path)!r} has no config.json")
-    if not any(path.glob("*.safetensors")):
+    if need_weights and not any(path.glob("*.safetensors")):
         raise ModelNotFoundError(f"model directory {str(path)!r} has no *.safetensors weights")
     return path
 
