@@ -230,6 +230,16 @@ class BlockPool:
         self._num_cached_free = 0
         return True
 
+    def uncache_block(self, block: KVBlock) -> None:
+        """Make a block unfindable: its content can no longer be trusted (a failed step)."""
+        if block.block_hash is None:
+            return
+        if self._hash_to_block.get(block.block_hash) is block:
+            del self._hash_to_block[block.block_hash]
+        block.block_hash = None
+        if block.ref_cnt == 0:
+            self._num_cached_free -= 1
+
     def _evict(self, block: KVBlock) -> None:
         """Remove a ref-0 block's hash from the prefix cache (it is about to be reused)."""
         assert block.block_hash is not None

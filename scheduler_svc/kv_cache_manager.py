@@ -138,17 +138,23 @@ class KVCacheManager:
             self._cache_full_blocks(request_id, token_ids, min(len(token_ids), num_covered))
         return [block.block_id for block in new_computed_blocks] + [block.block_id for block in new_blocks]
 
-    def free(self, request_id: str) -> None:
+    def free(self, request_id: str, content_lost: bool = False) -> None:
         """Release a finished, aborted or preempted request; unknown ids are ignored.
 
         Blocks go back tail first, so under memory pressure the end of a cached prefix is
-        evicted before its head and the shared head survives longest.
+        evicted before its head and the shared head survives longest. With content_lost (the
+        step that should have filled them failed) its unshared blocks also leave the prefix
+        cache, so no later request reuses KV that was never written.
         """
         table = self._tables.pop(request_id, None)
         self._hashes.pop(request_id, None)
         self._num_cached.pop(request_id, None)
         if table:
             self.pool.free_blocks(reversed(table))
+            if content_lost:
+                for block in table:
+                    if block.ref_cnt == 0:
+                        self.pool.uncache_block(block)
 
     def reset_prefix_cache(self) -> bool:
         """Drop every cached prefix; False (nothing done) while any request holds blocks."""

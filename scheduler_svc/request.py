@@ -33,6 +33,7 @@ class Request:
     num_cached_tokens: int = -1  # prefix-cache hit at first admission; -1 until admitted
     num_preemptions: int = 0
     on_worker: bool = False  # the worker holds state for it (CachedSeq from now on)
+    admitted_step: int = 0  # step id of the plan that last (re)admitted it; older samples are stale
     finish_reason: FinishReason | None = None
     stop_token_id: int | None = None
 

@@ -66,6 +66,11 @@ class Scheduler:
         self._step_id = 0
         self._preempted_this_round = False
         self.num_preemptions = 0
+        # Prefix-cache statistics, counted once per request at its first successful admission:
+        # a lookup whose allocation fails and is retried, or a recompute after preemption, is
+        # not a new query (the KV manager's own counters count every lookup).
+        self.prefix_cache_queries = 0  # prompt tokens of admitted requests
+        self.prefix_cache_hits = 0  # of those, tokens served from the prefix cache
 
     # ------------------------------------------------------------------ intake
 
@@ -123,6 +128,7 @@ class Scheduler:
     # ------------------------------------------------------------------ planning
 
     def schedule(self) -> StepPlan:
+        self._step_id += 1
         budget = self.settings.max_num_batched_tokens
         new_seqs: list[NewSeq] = []
         cached_seqs: list[CachedSeq] = []
@@ -149,7 +155,6 @@ class Scheduler:
             i += 1
         if not preempted:
             budget = self._admit_waiting(budget, new_seqs)
-        self._step_id += 1
         forget, self._worker_forget = self._worker_forget, []
         return StepPlan(self._step_id, new_seqs, cached_seqs, forget)
 
@@ -195,9 +200,13 @@ class Scheduler:
             self.waiting.pop(0)
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit
+                if self.kv.enable_prefix_caching:
+                    self.prefix_cache_queries += req.num_prompt_tokens
+                    self.prefix_cache_hits += num_hit
             req.num_computed_tokens = num_hit
             req.status = RequestStatus.RUNNING
             req.on_worker = True
+            req.admitted_step = self._step_id
             new_seqs.append(
                 NewSeq(
                     request_id=req.request_id,
@@ -229,8 +238,15 @@ class Scheduler:
         tokens = result.sampled_token_ids.tolist()
         for row, (rid, token) in enumerate(zip(result.request_ids, tokens)):
             req = self.requests.get(rid)
-            if req is None or req.status != RequestStatus.RUNNING or req.num_inflight_samples == 0:
-                continue  # finished, aborted or preempted while the step ran: drop the sample
+            if (
+                req is None
+                or req.status != RequestStatus.RUNNING
+                or req.num_inflight_samples == 0
+                or result.step_id < req.admitted_step
+            ):
+                # Finished, aborted or preempted while the step ran, or preempted and already
+                # re-admitted (the sample belongs to the old incarnation): drop the sample.
+                continue
             req.num_inflight_samples -= 1
             req.token_ids.append(token)
             reason, stop_id = check_stop(
@@ -254,14 +270,14 @@ class Scheduler:
             if req is None or req.status == RequestStatus.FINISHED:
                 continue
             (self.running if req.status == RequestStatus.RUNNING else self.waiting).remove(req)
-            self._finish(req, FinishReason.ERROR)
+            self._finish(req, FinishReason.ERROR, content_lost=True)
             outputs.append(self._output(req, [], error=message))
         return outputs
 
-    def _finish(self, req: Request, reason: FinishReason) -> None:
+    def _finish(self, req: Request, reason: FinishReason, content_lost: bool = False) -> None:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
-        self.kv.free(req.request_id)
+        self.kv.free(req.request_id, content_lost=content_lost)
         if req.on_worker:
             self._worker_forget.append(req.request_id)
             req.on_worker = False
