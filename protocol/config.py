@@ -84,6 +84,48 @@ class EndpointSettings(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(f"tcp_base_port must be in [1, 65535], got {self.tcp_base_port}")
 
 
+class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None
+    max_request_bytes: int = 1 << 20
+    request_timeout: float = 600.0
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_request_bytes < 1024:
+            raise ConfigError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
+
+
+class StageSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Identity and liveness of one pipeline process; the launcher sets stage_id per child."""
+
+    stage_id: str | None = None
+    role: str = "mixed"
+    heartbeat_interval: float = 1.0
+    liveness_timeout: float = 10.0
+    torch_threads: int | None = None
+
+    def validate(self) -> None:
+        _choice("role", self.role, ("mixed", "prefill", "decode"))
+        if self.heartbeat_interval <= 0 or self.liveness_timeout <= self.heartbeat_interval:
+            raise ConfigError("liveness_timeout must exceed heartbeat_interval, both > 0")
+
+
+class LaunchSettings(msgspec.Struct, frozen=True, kw_only=True):
+    tokenizers: int = 1
+    detokenizers: int = 1
+    workers: int = 1
+    ready_timeout: float = 300.0
+
+    def validate(self) -> None:
+        for name in ("tokenizers", "detokenizers", "workers"):
+            if not 1 <= getattr(self, name) <= 64:
+                raise ConfigError(f"{name} must be in [1, 64], got {getattr(self, name)}")
+
+
 SETTING_HELP: dict[str, str] = {
     "model": "model: 'smollm2-135m' (bundled), a Hugging Face directory, or a .gguf file",
     "load_format": "auto | safetensors | gguf | dummy (random weights of the model's shapes)",
@@ -101,6 +143,21 @@ SETTING_HELP: dict[str, str] = {
     "max_num_batched_tokens": "token budget of one step (prefill chunks + decodes)",
     "scheduling_policy": "fcfs | priority (lower priority value runs first)",
     "max_waiting_requests": "bound of the waiting queue; past it new requests are refused",
+    "host": "address the HTTP gateway listens on",
+    "port": "HTTP port of the gateway",
+    "api_key": "require 'Authorization: Bearer <key>' on /v1 routes",
+    "served_model_name": "model name in the API (default: the --model value)",
+    "max_request_bytes": "largest accepted request body (413 past it)",
+    "request_timeout": "seconds a request may take before the gateway aborts it",
+    "stage_id": "this process's id (worker id, tokenizer id...); default: stage name + pid",
+    "role": "worker role: mixed | prefill | decode",
+    "heartbeat_interval": "seconds between liveness messages",
+    "liveness_timeout": "seconds of silence after which a process counts as dead",
+    "torch_threads": "CPU threads for torch in a worker (default: torch's own choice)",
+    "tokenizers": "tokenizer worker processes started by `pdserve up`",
+    "detokenizers": "detokenizer worker processes started by `pdserve up`",
+    "workers": "model worker processes started by `pdserve up`",
+    "ready_timeout": "seconds `pdserve up` waits for every stage to be ready",
     "run_dir": "directory of the ipc:// sockets (default: a fresh temporary directory)",
     "tcp_host": "use tcp:// sockets on this host instead of ipc:// (needs tcp_base_port)",
     "tcp_base_port": "first of the consecutive tcp ports, one per socket (needs tcp_host)",

@@ -7,15 +7,19 @@ are IntEnum; each socket has one tagged union and one decoder (`protocol.codec`)
 (`numpy.ndarray`) travel as raw zero-copy frames, never inside the msgpack body.
 
 Sockets and their unions:
-  tokenizer/detokenizer -> scheduler : SchedulerInbound  (AddRequest | AbortRequests)
-  scheduler -> detokenizer           : EngineOutputs
-  scheduler -> worker                : ToWorker          (StepPlan | Shutdown)
-  worker -> scheduler                : FromWorker        (WorkerHello | StepResult | Heartbeat | WorkerError)
+  gateway -> tokenizer                     : TokenizerInbound    (GenerateRequest)
+  gateway/tokenizer -> scheduler           : SchedulerInbound    (AddRequest | AbortRequests)
+  scheduler -> detokenizer                 : DetokenizerInbound  (DetokRequest | EngineOutputs)
+  detokenizer -> scheduler                 : DetokenizerOutbound (StageHeartbeat | AbortRequests)
+  scheduler -> worker                      : ToWorker            (StepPlan | Shutdown)
+  worker -> scheduler                      : FromWorker          (WorkerHello | StepResult | Heartbeat | WorkerError)
+  tokenizer/detokenizer/scheduler -> gateway : GatewayInbound    (TextOutputs | RequestFailed | SchedulerStats | StageHeartbeat)
 """
 
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -60,6 +64,8 @@ class AddRequest(_Msg, tag="add"):
     eos_token_ids: list[int]
     arrival_time: float
     priority: int = 0  # lower runs first (vLLM's convention); FCFS among equals
+    parent_id: str = ""  # the client's request id when n > 1 made several of these
+    index: int = 0  # which of the n choices this is
 
 
 class AbortRequests(_Msg, tag="abort"):
@@ -94,6 +100,7 @@ class RequestOutput(_Part):
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str = ""
+    queue_seconds: float | None = None  # arrival to first scheduling, on the first output
 
 
 class EngineOutputs(_Msg, tag="outputs"):
@@ -196,7 +203,151 @@ class WorkerError(_Msg, tag="error"):
 
 FromWorker = WorkerHello | StepResult | Heartbeat | WorkerError
 
+# ---------------------------------------------------------------- gateway -> tokenizer
+
+
+class GenerateRequest(_Msg, tag="generate"):
+    """A client request as the gateway validated it, before tokenization.
+
+    Exactly one of prompt / prompt_token_ids / messages is set. The tokenizer turns it into n
+    AddRequests (ids from `choice_request_id`), or one RequestFailed back to the gateway.
+    """
+
+    request_id: str
+    params: SamplingParams
+    arrival_time: float
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[dict[str, Any]] | None = None
+    n: int = 1
+    max_tokens_is_default: bool = False  # the client gave none: use what the context leaves
+    priority: int = 0
+
+
+TokenizerInbound = GenerateRequest
+
+
+def choice_request_id(request_id: str, index: int, n: int) -> str:
+    """The scheduler-side id of choice `index` of a request with n choices."""
+    return request_id if n == 1 else f"{request_id}#{index}"
+
+
+# ---------------------------------------------------------------- scheduler <-> detokenizer
+
+
+class DetokRequest(_Msg, tag="detok_new"):
+    """Sent before a request's first output, so its detokenizer knows how to render it."""
+
+    request_id: str
+    parent_id: str
+    index: int
+    prompt_tail_ids: list[int]  # the last prompt tokens: context for the first output's spaces
+    num_prompt_tokens: int
+    params: SamplingParams
+
+
+DetokenizerInbound = DetokRequest | EngineOutputs
+
+
+class StageHeartbeat(_Msg, tag="stage"):
+    """A tokenizer or detokenizer is alive (to the gateway; detokenizers also to the scheduler)."""
+
+    stage: str  # "tokenizer" | "detokenizer"
+    stage_id: str
+    pid: int
+    host: str
+    timestamp: float
+
+
+DetokenizerOutbound = StageHeartbeat | AbortRequests
+
+
+# ---------------------------------------------------------------- to the gateway
+
+
+class TopLogprob(_Part):
+    token: str
+    logprob: float
+    bytes: list[int]
+    token_id: int
+
+
+class TokenLogprob(_Part):
+    token: str
+    logprob: float
+    bytes: list[int]
+    token_id: int
+    top: list[TopLogprob] = []
+
+
+class TextDelta(_Part):
+    """New text of one choice, and how it ended when it has."""
+
+    request_id: str  # the client's request id
+    index: int  # choice index
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    logprobs: list[TokenLogprob] | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # so far, all deltas included
+    num_cached_tokens: int = 0
+    queue_seconds: float | None = None  # arrival to first scheduling, on the first delta
+    error: str = ""
+
+
+class TextOutputs(_Msg, tag="text"):
+    deltas: list[TextDelta]
+
+
+class RequestFailed(_Msg, tag="failed"):
+    """A request ended before producing output: the gateway answers with this HTTP status."""
+
+    request_id: str
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+
+class WorkerInfo(_Part):
+    worker_id: str
+    role: WorkerRole
+    pid: int
+    host: str
+    device: str
+    state: str  # "ready" | "dead"
+    num_blocks_total: int
+    num_blocks_used: int
+    num_running: int
+    num_waiting: int
+
+
+class SchedulerStats(_Msg, tag="stats"):
+    """The scheduler's state, published periodically: readiness, /workers and metrics."""
+
+    timestamp: float
+    model: str
+    max_model_len: int
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # blocks held by live requests / total, over all workers
+    prefix_cache_queries: int  # cumulative prompt tokens looked up
+    prefix_cache_hits: int  # cumulative prompt tokens found
+    workers: list[WorkerInfo] = []
+
+
+GatewayInbound = TextOutputs | RequestFailed | SchedulerStats | StageHeartbeat
+
+
 ALL_MESSAGE_TYPES: tuple[type, ...] = (
+    GenerateRequest,
+    DetokRequest,
+    StageHeartbeat,
+    TextOutputs,
+    RequestFailed,
+    SchedulerStats,
     AddRequest,
     AbortRequests,
     EngineOutputs,

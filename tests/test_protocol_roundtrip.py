@@ -14,6 +14,20 @@ from protocol.messages import (
     AbortRequests,
     AddRequest,
     CachedSeq,
+    DetokenizerInbound,
+    DetokenizerOutbound,
+    DetokRequest,
+    GatewayInbound,
+    GenerateRequest,
+    RequestFailed,
+    SchedulerStats,
+    StageHeartbeat,
+    TextDelta,
+    TextOutputs,
+    TokenizerInbound,
+    TokenLogprob,
+    TopLogprob,
+    WorkerInfo,
     EngineOutputs,
     FinishReason,
     FromWorker,
@@ -34,6 +48,12 @@ from protocol.messages import (
 from protocol.sampling import SamplingParams
 
 UNION_OF: dict[type, Any] = {
+    GenerateRequest: TokenizerInbound,
+    DetokRequest: DetokenizerInbound,
+    StageHeartbeat: DetokenizerOutbound,
+    TextOutputs: GatewayInbound,
+    RequestFailed: GatewayInbound,
+    SchedulerStats: GatewayInbound,
     AddRequest: SchedulerInbound,
     AbortRequests: SchedulerInbound,
     EngineOutputs: EngineOutputs,
@@ -73,7 +93,34 @@ def small_logprobs() -> TokenLogprobs:
 
 
 SAMPLES: list[tuple[str, Any]] = [
-    ("add", AddRequest("req-1", [1, 2, 3, 40_000], PARAMS, [2, 0], 1712.5, priority=-3)),
+    (
+        "generate-chat",
+        GenerateRequest("g1", PARAMS, 17.5, messages=[{"role": "user", "content": "hi ✓"}], n=3,
+                        max_tokens_is_default=True, priority=2, prompt="p",
+                        prompt_token_ids=[1, 2]),
+    ),
+    ("generate-default", GenerateRequest("g2", SamplingParams(), 1.0)),
+    ("detok-new", DetokRequest("g1#0", "g1", 0, [5, 6, 7], 30, PARAMS)),
+    ("stage", StageHeartbeat("detokenizer", "detok-1", 77, "h", 3.5)),
+    (
+        "text",
+        TextOutputs([
+            TextDelta("g1", 2, "héllo", [4, 5], finish_reason="stop", stop_reason="END",
+                      logprobs=[TokenLogprob("hé", -0.5, [104, 195, 169], 4,
+                                             top=[TopLogprob("hé", -0.5, [104, 195, 169], 4)])],
+                      num_prompt_tokens=30, num_output_tokens=9, num_cached_tokens=16,
+                      queue_seconds=0.01, error="e"),
+            TextDelta("g2", 0, "", [], stop_reason=2),
+        ]),
+    ),
+    ("failed", RequestFailed("g3", 429, "queue full", param="prompt", code="overloaded")),
+    (
+        "stats",
+        SchedulerStats(5.0, "smollm2-135m", 8192, 3, 4, 0.25, 100, 40,
+                       workers=[WorkerInfo("w0", WorkerRole.MIXED, 9, "h", "cpu", "ready", 100, 25, 3, 4)]),
+    ),
+    ("add", AddRequest("req-1", [1, 2, 3, 40_000], PARAMS, [2, 0], 1712.5, priority=-3,
+                       parent_id="req", index=3)),
     ("add-default-params", AddRequest("req-2", [9], SamplingParams(), [2], 0.25)),
     ("abort", AbortRequests(["a", "b"], reason=FinishReason.STOP)),
     (

@@ -37,6 +37,11 @@ class Tokenizer:
         return self._name
 
     @property
+    def hf_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The wrapped transformers tokenizer, for callers that need its token-level API."""
+        return self._tok
+
+    @property
     def vocab_size(self) -> int:
         """Number of token ids the tokenizer can produce, added special tokens included."""
         return len(self._tok)

@@ -1,0 +1,179 @@
+"""The OpenAI-compatible HTTP API (Starlette): routes, auth, limits, streaming, abort on disconnect.
+
+Generation requests become GenerateRequests for the tokenizers; their TextDeltas come back
+through the EngineClient and leave as one JSON body or as SSE chunks. A client that goes away
+(streaming or not) has its request aborted at once, so its KV blocks return to the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import uuid
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from gateway.engine_client import EngineClient
+from gateway.errors import APIError, error_body
+from gateway.generation import Generation, wait_for_disconnect
+from gateway.metrics import GatewayMetrics
+from gateway.openai_schemas import parse_chat_request, parse_completion_request, to_generate_requests
+from protocol.config import GatewaySettings, LaunchSettings
+
+
+class GatewayApp:
+    def __init__(self, client: EngineClient, gw: GatewaySettings, launch: LaunchSettings,
+                 served_model: str, model_root: str) -> None:
+        self.client = client
+        self.gw = gw
+        self.launch = launch
+        self.served_model = served_model
+        self.model_root = model_root
+        self.metrics = GatewayMetrics(served_model)
+        self.created = int(time.time())
+        self._background: set[asyncio.Task] = set()
+
+    def build(self) -> Starlette:
+        routes = [
+            Route("/health", self.health),
+            Route("/ready", self.ready),
+            Route("/metrics", self.metrics_route),
+            Route("/workers", self.workers),
+            Route("/v1/models", self.models),
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+        ]
+        handlers = {HTTPException: self._http_error, APIError: self._api_error}
+        return Starlette(routes=routes, exception_handlers=handlers)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ plain routes
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        ok, reason = self.client.readiness(self.launch.tokenizers, self.launch.detokenizers)
+        return JSONResponse({"status": "ready" if ok else "not ready", "reason": reason},
+                            status_code=200 if ok else 503)
+
+    async def metrics_route(self, request: Request) -> Response:
+        if self.client.stats is not None:
+            self.metrics.update_from(self.client.stats)
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def workers(self, request: Request) -> Response:
+        stats = self.client.stats
+        rows = [] if stats is None else [
+            {"id": w.worker_id, "role": w.role.name.lower(), "pid": w.pid, "host": w.host,
+             "device": w.device, "state": w.state, "blocks_total": w.num_blocks_total,
+             "blocks_used": w.num_blocks_used, "running_requests": w.num_running,
+             "waiting_requests": w.num_waiting}
+            for w in stats.workers
+        ]
+        return JSONResponse(rows)
+
+    async def models(self, request: Request) -> Response:
+        self._authorize(request)
+        stats = self.client.stats
+        card = {"id": self.served_model, "object": "model", "created": self.created,
+                "owned_by": "pdserve", "root": self.model_root, "parent": None,
+                "max_model_len": stats.max_model_len if stats else None}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    # ------------------------------------------------------------------ generation
+
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request: Request, chat: bool) -> Response:
+        self._authorize(request)
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        body = await self._read_body(request)
+        parsed = parse_chat_request(body) if chat else parse_completion_request(body)
+        gen_requests = to_generate_requests(parsed, request_id, time.time(), self.served_model)
+        ok, reason = self.client.readiness(self.launch.tokenizers, self.launch.detokenizers)
+        if not ok:
+            raise APIError(503, f"pdserve is not ready: {reason}")
+        streams = [await self.client.submit(g) for g in gen_requests]
+        gen = Generation(self.client, self.metrics, streams, parsed, chat, request_id,
+                         self.served_model, self.gw.request_timeout)
+        headers = {"x-request-id": request_id}
+        try:
+            failure = await gen.first_failure()
+        except BaseException:
+            self._spawn(gen.close())
+            raise
+        if failure is not None:
+            self._spawn(gen.close())
+            raise failure
+        if parsed.stream:
+            return StreamingResponse(self._guarded(gen), media_type="text/event-stream",
+                                     headers={**headers, "cache-control": "no-cache"})
+        disconnect = asyncio.create_task(wait_for_disconnect(request))
+        result = asyncio.create_task(gen.complete())
+        try:
+            done, _ = await asyncio.wait({disconnect, result}, return_when=asyncio.FIRST_COMPLETED)
+            if result not in done:  # the client went away: abort, free its blocks
+                result.cancel()
+                return Response(status_code=499)
+            return JSONResponse(result.result(), headers=headers)
+        finally:
+            disconnect.cancel()
+            self._spawn(gen.close())
+
+    async def _guarded(self, gen: Generation):
+        try:
+            async for chunk in gen.stream():
+                yield chunk
+        finally:  # runs on disconnect too; the abort must not be inside the cancelled scope
+            self._spawn(gen.close())
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------------ checks
+
+    def _authorize(self, request: Request) -> None:
+        key = self.gw.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), key.encode()):
+            raise APIError(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'")
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.gw.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _api_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, APIError)
+        headers = {"retry-after": "1"} if exc.status == 429 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    async def _http_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        message: Any = exc.detail or "error"
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        return JSONResponse(error_body(exc.status_code, str(message)), status_code=exc.status_code)

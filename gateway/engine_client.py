@@ -1,0 +1,140 @@
+"""The gateway's side of the pipeline: send requests to tokenizers, receive text back.
+
+One receive loop dispatches every TextDelta to the stream of its request and keeps the latest
+SchedulerStats and stage heartbeats, which answer /ready, /workers and the metrics gauges.
+A stream is registered before its request is sent, so no delta can arrive unclaimed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from protocol.codec import Codec
+from protocol.endpoints import Endpoints
+from protocol.messages import (
+    AbortRequests,
+    GatewayInbound,
+    GenerateRequest,
+    RequestFailed,
+    SchedulerInbound,
+    SchedulerStats,
+    StageHeartbeat,
+    TextDelta,
+    TextOutputs,
+    TokenizerInbound,
+    choice_request_id,
+)
+from protocol.sockets import PullSocket, PushSocket
+
+log = logging.getLogger("pdserve.gateway")
+
+
+@dataclass
+class RequestStream:
+    """Everything that comes back for one client request: deltas of its n choices, or a failure."""
+
+    request_id: str
+    n: int
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    finished: set[int] = field(default_factory=set)
+
+    @property
+    def done(self) -> bool:
+        return len(self.finished) == self.n
+
+    async def next(self) -> TextDelta | RequestFailed:
+        item = await self.queue.get()
+        if isinstance(item, TextDelta) and item.finish_reason is not None:
+            self.finished.add(item.index)
+        return item
+
+
+class EngineClient:
+    def __init__(self, endpoints: Endpoints, liveness_timeout: float) -> None:
+        self.endpoints = endpoints
+        self.liveness_timeout = liveness_timeout
+        self.streams: dict[str, RequestStream] = {}
+        self.stats: SchedulerStats | None = None
+        self.stats_seen = 0.0
+        self.stages: dict[tuple[str, str], tuple[StageHeartbeat, float]] = {}
+        self._ctx: zmq.asyncio.Context | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._ctx = zmq.asyncio.Context()
+        self.to_tokenizers = PushSocket(self._ctx, self.endpoints.tokenizer_in, Codec(TokenizerInbound), bind=True)
+        self.to_scheduler = PushSocket(self._ctx, self.endpoints.scheduler_in, Codec(SchedulerInbound), bind=False)
+        self.inbound = PullSocket(self._ctx, self.endpoints.gateway_in, Codec(GatewayInbound), bind=True)
+        self._task = asyncio.create_task(self._receive())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for s in (self.to_tokenizers, self.to_scheduler, self.inbound):
+            s.close()
+        if self._ctx is not None:
+            self._ctx.term()
+
+    async def submit(self, req: GenerateRequest) -> RequestStream:
+        stream = RequestStream(req.request_id, req.n)
+        self.streams[req.request_id] = stream
+        await self.to_tokenizers.send(req)
+        return stream
+
+    async def close_stream(self, stream: RequestStream) -> None:
+        """The client is done with it: abort unfinished choices so their KV blocks come back."""
+        self.streams.pop(stream.request_id, None)
+        unfinished = [
+            choice_request_id(stream.request_id, i, stream.n)
+            for i in range(stream.n) if i not in stream.finished
+        ]
+        if unfinished:
+            await self.to_scheduler.send(AbortRequests(unfinished))
+
+    async def _receive(self) -> None:
+        while True:
+            try:
+                msg = await self.inbound.recv()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("bad message on gateway_in")
+                continue
+            if isinstance(msg, TextOutputs):
+                for delta in msg.deltas:
+                    stream = self.streams.get(delta.request_id)
+                    if stream is not None:
+                        stream.queue.put_nowait(delta)
+            elif isinstance(msg, RequestFailed):
+                stream = self.streams.get(msg.request_id)
+                if stream is not None:
+                    stream.queue.put_nowait(msg)
+            elif isinstance(msg, SchedulerStats):
+                self.stats, self.stats_seen = msg, time.monotonic()
+            elif isinstance(msg, StageHeartbeat):
+                self.stages[(msg.stage, msg.stage_id)] = (msg, time.monotonic())
+
+    # ------------------------------------------------------------------ health
+
+    def live_stages(self, stage: str) -> list[StageHeartbeat]:
+        now = time.monotonic()
+        return [hb for (kind, _), (hb, seen) in self.stages.items()
+                if kind == stage and now - seen <= self.liveness_timeout]
+
+    def readiness(self, tokenizers: int, detokenizers: int) -> tuple[bool, str]:
+        """Ready when the scheduler reports, with a ready worker, and enough live stages."""
+        if self.stats is None or time.monotonic() - self.stats_seen > self.liveness_timeout:
+            return False, "the scheduler is not connected"
+        if not any(w.state == "ready" for w in self.stats.workers):
+            return False, "no model worker is ready"
+        if len(self.live_stages("tokenizer")) < tokenizers:
+            return False, f"{len(self.live_stages('tokenizer'))}/{tokenizers} tokenizers connected"
+        if len(self.live_stages("detokenizer")) < detokenizers:
+            return False, f"{len(self.live_stages('detokenizer'))}/{detokenizers} detokenizers connected"
+        return True, "ready"

@@ -1,0 +1,148 @@
+"""One client request in flight: merge its streams, shape OpenAI bodies or SSE chunks, time it.
+
+A /v1/completions request with several prompts has one RequestStream per prompt; choice
+`p * n + i` is choice i of prompt p. Metrics are observed as the client sees them: TTFT at the
+first delta, inter-token latency between deltas, end-to-end at the last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, AsyncIterator
+
+from starlette.requests import Request
+
+from gateway.engine_client import EngineClient, RequestStream
+from gateway.errors import APIError, error_body
+from gateway.metrics import GatewayMetrics
+from gateway.openai_schemas import choice_index
+from gateway import responses as R
+from protocol.messages import RequestFailed, TextDelta
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class Generation:
+    def __init__(self, client: EngineClient, metrics: GatewayMetrics, streams: list[RequestStream],
+                 parsed: Any, chat: bool, request_id: str, model: str, timeout: float) -> None:
+        self.client, self.metrics, self.streams = client, metrics, streams
+        self.chat, self.model = chat, model
+        self.n = streams[0].n
+        self.include_usage = bool(parsed.include_usage)
+        self.response_id = (R.chat_completion_id if chat else R.completion_id)(request_id)
+        self.created = int(time.time())
+        self.start = time.monotonic()
+        self.deadline = self.start + timeout
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.pumps = [asyncio.create_task(self._pump(p, s)) for p, s in enumerate(streams)]
+        self.choices: dict[int, R.ChoiceResult] = {}
+        self.prompt_tokens: dict[int, tuple[int, int]] = {}  # prompt -> (tokens, cached)
+        self.last_delta: float | None = None
+        self.remaining = self.n * len(streams)
+        self.peeked: list[tuple[int, Any]] = []
+
+    async def _pump(self, p: int, stream: RequestStream) -> None:
+        while not stream.done:
+            item = await stream.next()
+            await self.queue.put((p, item))
+            if isinstance(item, RequestFailed):
+                return
+
+    async def _get(self) -> tuple[int, Any]:
+        if self.peeked:
+            return self.peeked.pop(0)
+        left = self.deadline - time.monotonic()
+        try:
+            return await asyncio.wait_for(self.queue.get(), timeout=max(left, 0.001))
+        except asyncio.TimeoutError:
+            raise APIError(503, "the request timed out in pdserve; it was aborted") from None
+
+    async def first_failure(self) -> APIError | None:
+        """Wait for the first answer: a failure here still gets its own HTTP status."""
+        item = await self._get()
+        self.peeked.append(item)
+        return APIError.from_request_failed(item[1]) if isinstance(item[1], RequestFailed) else None
+
+    async def _deltas(self) -> AsyncIterator[tuple[int, TextDelta]]:
+        while self.remaining > 0:
+            p, item = await self._get()
+            if isinstance(item, RequestFailed):
+                raise APIError.from_request_failed(item)
+            self._observe(p, item)
+            yield choice_index(p, self.n, item.index), item
+
+    def _observe(self, p: int, d: TextDelta) -> None:
+        now = time.monotonic()
+        m = self.metrics
+        if self.last_delta is None:
+            m.ttft.observe(now - self.start)
+        elif d.token_ids:
+            m.itl.observe(now - self.last_delta)
+        self.last_delta = now
+        if d.queue_seconds is not None:
+            m.queue.observe(d.queue_seconds)
+        m.generation_tokens.inc(len(d.token_ids))
+        if d.num_prompt_tokens and p not in self.prompt_tokens:
+            self.prompt_tokens[p] = (d.num_prompt_tokens, d.num_cached_tokens)
+            m.prompt_tokens.inc(d.num_prompt_tokens)
+        if d.finish_reason is not None:
+            self.remaining -= 1
+            m.request_finished(d.finish_reason)
+            if self.remaining == 0:
+                m.e2e.observe(now - self.start)
+
+    def _usage(self) -> dict[str, Any]:
+        prompt = sum(t for t, _ in self.prompt_tokens.values())
+        cached = sum(c for _, c in self.prompt_tokens.values())
+        completion = sum(c.num_output_tokens for c in self.choices.values())
+        return R.usage_body(prompt, completion, cached)
+
+    async def complete(self) -> dict[str, Any]:
+        async for index, delta in self._deltas():
+            self.choices.setdefault(index, R.ChoiceResult(index)).add(delta)
+        errors = [c.error or "generation failed" for c in self.choices.values() if c.finish_reason == "error"]
+        if errors:
+            raise APIError(500, errors[0])
+        body = R.chat_completion_body if self.chat else R.completion_body
+        return body(self.response_id, self.created, self.model, list(self.choices.values()), self._usage())
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        args = (self.response_id, self.created, self.model)
+        offsets: dict[int, int] = {}
+        try:
+            async for index, d in self._deltas():
+                first = index not in self.choices
+                choice = self.choices.setdefault(index, R.ChoiceResult(index))
+                choice.add(d)
+                if d.finish_reason == "error":
+                    yield R.sse(error_body(500, d.error or "generation failed"))
+                    continue
+                if self.chat:
+                    if first:
+                        yield R.sse(R.chat_chunk(*args, index, "", role=True))
+                    yield R.sse(R.chat_chunk(*args, index, d.text, finish_reason=d.finish_reason,
+                                             stop_reason=d.stop_reason, logprobs=d.logprobs))
+                else:
+                    yield R.sse(R.completion_chunk(*args, index, d.text, finish_reason=d.finish_reason,
+                                                   stop_reason=d.stop_reason, logprobs=d.logprobs,
+                                                   text_offset=offsets.get(index, 0)))
+                    offsets[index] = offsets.get(index, 0) + len(d.text)
+            if self.include_usage:
+                usage_chunk = R.chat_usage_chunk if self.chat else R.completion_usage_chunk
+                yield R.sse(usage_chunk(*args, self._usage()))
+        except APIError as exc:
+            yield R.sse(exc.body())
+        yield R.SSE_DONE
+
+    async def close(self) -> None:
+        """Stop listening; abort whatever has not finished (client gone, error, timeout)."""
+        for task in self.pumps:
+            task.cancel()
+        for stream in self.streams:
+            await self.client.close_stream(stream)

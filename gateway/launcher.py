@@ -1,0 +1,177 @@
+"""`pdserve up`: start every stage as its own process, wait until ready, stop them all cleanly.
+
+Children are `pdserve <stage>` processes sharing one run directory (their ipc sockets) and the
+launcher's settings through PDSERVE_* variables. They run in their own session, so a terminal's
+Ctrl-C reaches only the launcher, which then stops them in order; on Linux each child also gets
+SIGTERM if the launcher itself dies (no orphans). If any child exits while serving, the launcher
+reports which one and how, and shuts the rest down (exit status 1): a half-running pipeline
+would only fail requests in confusing ways.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol.config import (
+    CacheSettings,
+    ConfigError,
+    EndpointSettings,
+    GatewaySettings,
+    LaunchSettings,
+    ModelSettings,
+    SchedulerSettings,
+    StageSettings,
+    add_settings_arguments,
+    env_name,
+    settings_from,
+)
+
+GROUPS = (ModelSettings, CacheSettings, SchedulerSettings, GatewaySettings, LaunchSettings,
+          StageSettings, EndpointSettings)
+STOP_GRACE_SECONDS = 10.0
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="start the whole pipeline and serve the OpenAI API")
+    for group in GROUPS:
+        add_settings_arguments(p, group)
+    p.set_defaults(run=run)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the launcher dies (Linux prctl)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    os.setsid()
+
+
+def child_env(settings: list, run_dir: Path) -> dict[str, str]:
+    """The launcher's settings as PDSERVE_* variables, so every child sees the same values."""
+    import msgspec
+
+    env = dict(os.environ)
+    for group in settings:
+        for f in msgspec.structs.fields(group):
+            value = getattr(group, f.name)
+            if value is not None:
+                env[env_name(f.name)] = str(value).lower() if isinstance(value, bool) else str(value)
+    env[env_name("run_dir")] = str(run_dir)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        s = {g.__name__: settings_from(g, args) for g in GROUPS}
+    except (ConfigError, ValueError) as exc:
+        print(f"pdserve up: {exc}", file=sys.stderr)
+        return 2
+    launch: LaunchSettings = s["LaunchSettings"]
+    gw: GatewaySettings = s["GatewaySettings"]
+    ep: EndpointSettings = s["EndpointSettings"]
+    own_run_dir = ep.run_dir is None and ep.tcp_host is None
+    run_dir = Path(tempfile.mkdtemp(prefix="pdserve-")) if own_run_dir else Path(ep.run_dir or ".")
+    env = child_env(list(s.values()), run_dir)
+    cpu_threads = max(1, (os.cpu_count() or 1) // launch.workers)
+    plan = [("scheduler", "scheduler", {})]
+    plan += [("worker", f"worker-{i}", {env_name("torch_threads"): str(cpu_threads)}
+              if s["StageSettings"].torch_threads is None else {}) for i in range(launch.workers)]
+    plan += [("tokenizer", f"tokenizer-{i}", {}) for i in range(launch.tokenizers)]
+    plan += [("detokenizer", f"detokenizer-{i}", {}) for i in range(launch.detokenizers)]
+    plan += [("gateway", "gateway", {})]
+    children: list[Child] = []
+    stopping = False
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    status = 0
+    try:
+        for stage, stage_id, extra in plan:
+            cmd = [sys.executable, "-m", "gateway.cli", "--log-level", args.log_level, stage]
+            child_env_vars = {**env, env_name("stage_id"): stage_id, **extra}
+            proc = subprocess.Popen(cmd, env=child_env_vars, preexec_fn=_die_with_parent)
+            children.append(Child(stage_id, proc))
+        url = f"http://{gw.host}:{gw.port}"
+        if not _wait_ready(url, children, launch.ready_timeout, lambda: stopping):
+            status = 1 if not stopping else 0
+            return status
+        print(f"pdserve is ready: {url}/v1 (model {s['ModelSettings'].model})", flush=True)
+        while not stopping:
+            dead = _first_exited(children)
+            if dead is not None:
+                print(f"pdserve up: {dead.name} (pid {dead.proc.pid}) exited with status "
+                      f"{dead.proc.returncode}; shutting down", file=sys.stderr, flush=True)
+                status = 1
+                break
+            time.sleep(0.2)
+        return status
+    finally:
+        _stop_all(children)
+        if own_run_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _wait_ready(url: str, children: list[Child], timeout: float, stopping) -> bool:
+    deadline = time.monotonic() + timeout
+    reason = "starting"
+    while time.monotonic() < deadline and not stopping():
+        dead = _first_exited(children)
+        if dead is not None:
+            print(f"pdserve up: {dead.name} exited with status {dead.proc.returncode} while "
+                  "starting; shutting down", file=sys.stderr, flush=True)
+            return False
+        try:
+            with urllib.request.urlopen(f"{url}/ready", timeout=2) as resp:
+                if resp.status == 200:
+                    return True
+        except urllib.error.HTTPError as exc:
+            reason = exc.read().decode(errors="replace")[:200]
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    if not stopping():
+        print(f"pdserve up: not ready after {timeout:.0f} s ({reason}); shutting down",
+              file=sys.stderr, flush=True)
+    return False
+
+
+def _first_exited(children: list[Child]) -> Child | None:
+    return next((c for c in children if c.proc.poll() is not None), None)
+
+
+def _stop_all(children: list[Child]) -> None:
+    """SIGTERM everyone (gateway first, so no new requests come in), then SIGKILL stragglers."""
+    for c in reversed(children):
+        if c.proc.poll() is None:
+            c.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for c in children:
+        try:
+            c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            c.proc.kill()
+            c.proc.wait()

@@ -1,0 +1,420 @@
+"""Offline throughput of `pdserve generate` against transformers, on the same prompts in one run.
+
+A script, not a test (pytest does not collect it). Three figures, measured one after the other so
+no two compete for the CPU cores:
+  1. `pdserve generate` as a subprocess (its stderr stats line; generation time excludes loading);
+  2. transformers `generate`, one prompt at a time (only the generate calls are timed);
+  3. transformers continuous batching, `generate_batch` (only that call is timed).
+Every prompt is forced to yield exactly --max-tokens new tokens (pdserve: ignore_eos + min_tokens;
+transformers: min_new_tokens, or EOS disabled where min_new_tokens is not supported), so all three
+do the same work. Unknown flags pass through to `pdserve generate` (e.g. --max-num-batched-tokens).
+
+    .venv/bin/python tests/benchmarks/bench_engine.py [--device cuda] [--max-num-batched-tokens 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing it
+
+MODEL = "smollm2-135m"
+PDSERVE_DEFAULT_BATCHED_TOKENS = 1024  # pdserve's --max-num-batched-tokens default
+CB_PAGE_SIZE = 16  # = pdserve's default KV block size
+BUSY_WARNING_CORES = 0.1  # other processes' load above which a phase counts as disturbed
+PHASES = ("pdserve", "hf_sequential", "hf_continuous_batching")
+LABELS = {"pdserve": "pdserve generate", "hf_sequential": "transformers generate (one at a time)",
+          "hf_continuous_batching": "transformers generate_batch (CB)"}
+
+SYSTEM = "You are a concise assistant. Answer clearly and stay on topic."
+PASSAGE = (
+    "The town of Hollowmere sits where two rivers meet, and for three hundred years its people "
+    "earned their living from the water. Mills along the eastern bank ground grain for farms as far "
+    "as the hills, while boatmen on the western river carried timber, wool and salt down to the "
+    "coast. When the railway arrived in 1861 the boatmen lost most of their trade within a decade, "
+    "but the mills adapted: they began to generate electricity, first for their own machinery and "
+    "later for the street lamps of the town square. By 1900 Hollowmere was one of the first towns "
+    "in the region with electric light, and visitors came from the city simply to walk under it. "
+    "The mills closed one by one after the Second World War, when cheaper power came from the "
+    "national grid. Today the largest of them is a museum, and the old towpath along the western "
+    "river is a cycling route that follows the water for forty kilometres to the sea. "
+)
+QUESTIONS = [
+    "Hi!",
+    "What is the capital of Japan?",
+    "List three prime numbers larger than fifty.",
+    "Write a haiku about a lighthouse in winter.",
+    "Explain in simple words why bread rises when it is baked, for a child who loves cooking.",
+    "Give me four tips for keeping a houseplant alive when I travel for two weeks in summer.",
+    "Translate into French: 'The library opens at nine and closes at five on weekdays.'",
+    "I am planning a small garden on a sunny balcony of about six square metres. I would like "
+    "herbs for cooking, a few flowers for bees, and maybe one vegetable. The balcony gets wind in "
+    "the afternoon. What should I plant, and in what kind of containers?",
+    "Summarise the following text in two sentences.\n\n" + PASSAGE,
+    "My bicycle chain keeps slipping when I pedal hard uphill, mostly in the smallest rear gear. "
+    "The bike is about five years old and I ride it every day to work, about eight kilometres each "
+    "way, in all weather. I clean it sometimes but never replaced anything. What is the most "
+    "likely cause, and what should I check first before taking it to a shop?",
+    "Read this and answer: why did the boatmen lose their trade?\n\n" + PASSAGE * 2,
+    "Write a short friendly email to a neighbour asking to borrow a ladder on Saturday morning.",
+    "Here are my notes from a meeting. Turn them into a numbered list of action items.\n\n"
+    "Anna will send the budget draft by Tuesday. Ben is unsure about the venue and will call two "
+    "alternatives. We agreed the newsletter goes out on the first of the month from now on. Carla "
+    "asked for volunteers for the registration desk; nobody has signed up yet. The printer in the "
+    "office is broken again and someone needs to contact the repair company. Next meeting on the "
+    "twelfth, same time, and Ben will bring the venue quotes.",
+    "Describe the water cycle.",
+    "Compare these two accounts and list three differences.\n\nAccount one: " + PASSAGE
+    + "\n\nAccount two: " + PASSAGE.replace("1861", "1874").replace("forty", "thirty") * 2,
+    "What is seven times eight?",
+]
+
+
+def build_chats(num_prompts: int) -> list[list[dict[str, str]]]:
+    """`num_prompts` chats of varied lengths; every other one has a system message."""
+    chats = []
+    for i in range(num_prompts):
+        question = QUESTIONS[i % len(QUESTIONS)]
+        if i >= len(QUESTIONS):  # keep prompts distinct past the base set
+            question = f"(Request {i}) {question}"
+        head = [{"role": "system", "content": SYSTEM}] if i % 2 else []
+        chats.append(head + [{"role": "user", "content": question}])
+    return chats
+
+
+def write_prompts_file(path: Path, chats: list[list[dict[str, str]]], max_tokens: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"messages": c, "ignore_eos": True, "min_tokens": max_tokens}) for c in chats]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def run_pdserve(prompts_file: Path, args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
+    """Run `pdserve generate`, check every output has exactly max_tokens ids, return its stats."""
+    exe = Path(sys.executable).with_name("pdserve")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "gateway.cli"]
+    cmd += ["generate", "--prompts-file", str(prompts_file), "--max-tokens", str(args.max_tokens),
+            "--temperature", "0", "--json", "--model", MODEL, "--dtype", args.dtype,
+            "--device", args.device, *extra]
+    print(f"[pdserve] {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"pdserve generate failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    stats = json.loads(proc.stderr.strip().splitlines()[-1])
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    if len(records) != args.num_prompts:
+        raise SystemExit(f"pdserve printed {len(records)} results, expected {args.num_prompts}")
+    bad = [r["index"] for r in records if len(r["token_ids"]) != args.max_tokens]
+    if bad:
+        raise SystemExit(f"pdserve outputs {bad} do not have {args.max_tokens} tokens")
+    return {"command": shlex.join(cmd), "stats": stats, "process_wall_seconds": round(wall, 3),
+            "prompt_token_ids": [r["prompt_token_ids"] for r in records],
+            "token_ids": [r["token_ids"] for r in records]}
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_hf_sequential(
+    model: PreTrainedModel, prompts: list[list[int]], args: argparse.Namespace, eos_ids: list[int]
+) -> dict[str, Any]:
+    """One `generate` call per prompt; min_new_tokens suppresses EOS exactly as pdserve's min_tokens."""
+    import torch
+
+    def generate(ids: list[int], new: int) -> list[int]:
+        x = torch.tensor([ids], device=args.device)
+        y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, eos_token_id=eos_ids, pad_token_id=eos_ids[0])
+        return y[0, len(ids):].tolist()
+
+    with torch.no_grad():
+        generate(prompts[0], 4)  # warm-up
+        _sync(args.device)
+        outputs, per_prompt = [], []
+        for ids in prompts:
+            start = time.perf_counter()
+            out = generate(ids, args.max_tokens)
+            _sync(args.device)
+            per_prompt.append(time.perf_counter() - start)
+            outputs.append(out)
+    seconds = sum(per_prompt)
+    generated = sum(len(o) for o in outputs)
+    if any(len(o) != args.max_tokens for o in outputs):
+        raise SystemExit("transformers generate did not produce max_tokens for every prompt")
+    return {"generation_seconds": round(seconds, 4), "generated_tokens": generated,
+            "tokens_per_second": round(generated / seconds, 2),
+            "seconds_per_prompt": [round(t, 3) for t in per_prompt],
+            "settings": {"attn_implementation": model.config._attn_implementation,
+                         "max_new_tokens": args.max_tokens, "min_new_tokens": args.max_tokens,
+                         "do_sample": False, "eos_token_id": eos_ids},
+            "token_ids": outputs}
+
+
+def cb_settings(args: argparse.Namespace, extra: list[str], prompts: list[list[int]]) -> dict[str, Any]:
+    """Batching settings close to pdserve's: same token budget per step, every request admitted
+    at once, KV pages of pdserve's block size and just enough of them for the whole run."""
+    budget = PDSERVE_DEFAULT_BATCHED_TOKENS
+    for i, flag in enumerate(extra):
+        if flag == "--max-num-batched-tokens" and i + 1 < len(extra):
+            budget = int(extra[i + 1])
+        elif flag.startswith("--max-num-batched-tokens="):
+            budget = int(flag.split("=", 1)[1])
+    blocks = sum(math.ceil((len(p) + args.max_tokens) / CB_PAGE_SIZE) for p in prompts)
+    return {"page_size": CB_PAGE_SIZE, "num_blocks": blocks + len(prompts), "max_batch_tokens": budget,
+            "max_requests_per_batch": len(prompts)}
+
+
+def run_hf_batch(
+    model: PreTrainedModel, prompts: list[list[int]], args: argparse.Namespace, settings: dict[str, Any]
+) -> dict[str, Any]:
+    """`generate_batch` over all prompts. Its logits processors do not support min_new_tokens, so
+    EOS is disabled instead (eos_token_id=-1): every request runs to max_new_tokens."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    model.set_attn_implementation("sdpa")  # "paged|sdpa" is deprecated in 5.x and maps to "sdpa"
+    gen_config = GenerationConfig(max_new_tokens=args.max_tokens, do_sample=False, eos_token_id=-1)
+
+    def call(batch: list[list[int]]) -> tuple[dict, float]:
+        cb_config = ContinuousBatchingConfig(**settings)  # fresh: the manager writes resolved values back
+        start = time.perf_counter()
+        out = model.generate_batch(batch, generation_config=gen_config, continuous_batching_config=cb_config)
+        _sync(args.device)
+        return out, time.perf_counter() - start
+
+    call(prompts[:2])  # warm-up
+    out, seconds = call(prompts)
+    results = list(out.values())
+    if len(results) != len(prompts) or any(r.error for r in results):
+        raise SystemExit(f"generate_batch returned {len(results)} results for {len(prompts)} prompts")
+    outputs = [list(r.generated_tokens) for r in results]
+    if any(list(r.prompt_ids) != p for r, p in zip(results, prompts)):
+        raise SystemExit("generate_batch results are not in prompt order")
+    generated = sum(len(o) for o in outputs)
+    return {"generation_seconds": round(seconds, 4), "generated_tokens": generated,
+            "tokens_per_second": round(generated / seconds, 2),
+            "all_requests_max_tokens": all(len(o) == args.max_tokens for o in outputs),
+            "settings": {"attn_implementation": model.config._attn_implementation,
+                         "generation_config": {"max_new_tokens": args.max_tokens, "do_sample": False,
+                                               "eos_token_id": -1},
+                         "continuous_batching_config": settings},
+            "token_ids": outputs}
+
+
+def greedy_matches(reference: list[list[int]], other: list[list[int]]) -> dict[str, Any]:
+    """How many outputs equal the reference token for token; where the others first differ."""
+    first_diff = {}
+    for i, (a, b) in enumerate(zip(reference, other)):
+        if a != b:
+            diverge = (k for k, (x, y) in enumerate(zip(a, b)) if x != y)
+            first_diff[str(i)] = next(diverge, min(len(a), len(b)))
+    return {"equal": len(reference) - len(first_diff), "of": len(reference),
+            "first_difference_at": first_diff}
+
+
+def cpu_seconds() -> tuple[float, float, float]:
+    """(busy CPU seconds of the whole machine, of this process and its waited-for children, stolen)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    tick = os.sysconf("SC_CLK_TCK")
+    own = sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                resource.getrusage(resource.RUSAGE_CHILDREN)))
+    return (user + nice + system + irq + softirq) / tick, own, steal / tick
+
+
+def other_load(seconds: float) -> float:
+    """Cores kept busy by other processes over the next ``seconds``."""
+    busy0, own0, _ = cpu_seconds()
+    time.sleep(seconds)
+    busy1, own1, _ = cpu_seconds()
+    return max(0.0, (busy1 - busy0) - (own1 - own0)) / seconds
+
+
+def wait_for_idle(max_wait: float) -> float:
+    """Wait (at most ``max_wait`` seconds) until other processes leave the CPUs alone."""
+    start = time.perf_counter()
+    while (load := other_load(2.0)) > BUSY_WARNING_CORES and time.perf_counter() - start < max_wait:
+        print(f"[bench] waiting: other processes use {load:.2f} cores", file=sys.stderr, flush=True)
+    return time.perf_counter() - start
+
+
+def measured(phase: Callable[[], dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``phase()`` once the machine is idle and record how busy other processes kept the CPUs
+    meanwhile (``other_processes_cores``). A disturbed run is repeated (--retries); the least
+    disturbed attempt is kept and every attempt is listed."""
+    attempts = []
+    for _ in range(1 + args.retries):
+        waited = wait_for_idle(args.idle_timeout)
+        busy0, own0, steal0 = cpu_seconds()
+        start = time.perf_counter()
+        result = phase()
+        wall = time.perf_counter() - start
+        busy1, own1, steal1 = cpu_seconds()
+        result["phase_wall_seconds"] = round(wall, 2)
+        result["waited_for_idle_seconds"] = round(waited, 1)
+        result["other_processes_cores"] = round(max(0.0, (busy1 - busy0) - (own1 - own0)) / wall, 3)
+        result["steal_cores"] = round((steal1 - steal0) / wall, 3)
+        attempts.append(result)
+        if result["other_processes_cores"] <= BUSY_WARNING_CORES:
+            break
+        print(f"[bench] disturbed: other processes used {result['other_processes_cores']:.2f} cores",
+              file=sys.stderr, flush=True)
+    best = min(attempts, key=lambda r: r["other_processes_cores"])
+    best["attempts"] = [{"tokens_per_second": r.get("stats", r)["tokens_per_second"],
+                         "other_processes_cores": r["other_processes_cores"]} for r in attempts]
+    return best
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    def first(path: str, key: str) -> str | None:
+        try:
+            for line in Path(path).read_text().splitlines():
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return None
+
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "cpu_model": first("/proc/cpuinfo", "model name"),
+            "memory_total": first("/proc/meminfo", "MemTotal"), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def print_report(result: dict[str, Any]) -> None:
+    print(f"\n{result['num_prompts']} prompts x {result['max_tokens']} new tokens, "
+          f"{result['model']} {result['dtype']} on {result['device']}")
+    print(f"{'engine':<40}{'tokens':>8}{'seconds':>10}{'tokens/s':>11}{'other load':>12}")
+    for key in (k for k in PHASES if k in result):
+        r = result[key]
+        figures = r["stats"] if key == "pdserve" else r
+        print(f"{LABELS[key]:<40}{figures['generated_tokens']:>8}{figures['generation_seconds']:>10.2f}"
+              f"{figures['tokens_per_second']:>11.2f}{r['other_processes_cores']:>12.2f}")
+    for key, label in (("hf_sequential", "one-at-a-time"), ("hf_continuous_batching", "continuous batching")):
+        if f"ratio_pdserve_over_{key}" in result:
+            print(f"pdserve / transformers {label}: {result[f'ratio_pdserve_over_{key}']:.2f}x")
+    busy = [k for k in PHASES if k in result and result[k]["other_processes_cores"] > BUSY_WARNING_CORES]
+    if busy:
+        print(f"WARNING: other processes kept the CPUs busy during {', '.join(busy)} "
+              "('other load', in cores): those figures are unreliable")
+    if "greedy_pdserve_vs_hf_sequential" in result:
+        g = result["greedy_pdserve_vs_hf_sequential"]
+        print(f"greedy check: {g['equal']}/{g['of']} pdserve outputs equal transformers generate"
+              " token for token"
+              + (f" (first differences at {g['first_difference_at']})" if g["first_difference_at"] else ""))
+    if "greedy_hf_batch_vs_hf_sequential" in result:
+        g = result["greedy_hf_batch_vs_hf_sequential"]
+        print(f"(for reference: {g['equal']}/{g['of']} transformers generate_batch outputs equal"
+              " its generate's)")
+    if "hf_continuous_batching" in result:
+        print(f"transformers CB settings: {json.dumps(result['hf_continuous_batching']['settings'])}")
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Unknown flags are passed to `pdserve generate`.")
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (both sides)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--skip-hf-sequential", action="store_true")
+    p.add_argument("--skip-hf-batch", action="store_true")
+    p.add_argument("--no-flush-denormal", action="store_true",
+                   help="on CPU, leave transformers' denormal handling alone (pdserve always flushes)")
+    p.add_argument("--retries", type=int, default=3,
+                   help="repeat a phase that other processes disturbed up to this many times")
+    p.add_argument("--idle-timeout", type=float, default=300.0,
+                   help="seconds to wait for other processes to leave the CPUs before each phase")
+    p.add_argument("--output", type=Path, default=Path("bench-results/engine.json"))
+    return p.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse_args(sys.argv[1:] if argv is None else argv)
+    command = shlex.join([sys.executable, *sys.argv])
+    from gpu_worker.loading.model_source import default_cache_dir, resolve_model
+    from tokenizer_svc.tokenizer import Tokenizer
+
+    hf_dir = resolve_model(MODEL, default_cache_dir())
+    tokenizer = Tokenizer.from_dir(hf_dir)
+    chats = build_chats(args.num_prompts)
+    prompts = [tokenizer.apply_chat_template(c) for c in chats]
+    prompts_file = args.output.resolve().with_name(args.output.stem + "-prompts.jsonl")
+    write_prompts_file(prompts_file, chats, args.max_tokens)
+    result: dict[str, Any] = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                              "command": command, "model": MODEL, "hf_dir": str(hf_dir),
+                              "device": args.device, "dtype": args.dtype, "num_prompts": args.num_prompts,
+                              "max_tokens": args.max_tokens, "prompts_file": str(prompts_file),
+                              "prompt_lengths": [len(p) for p in prompts]}
+
+    # pdserve first, before this process loads a model of its own
+    pd = measured(lambda: run_pdserve(prompts_file, args, extra), args)
+    if pd["prompt_token_ids"] != prompts:
+        raise SystemExit("pdserve tokenized the prompts differently from transformers' chat template")
+    result["pdserve"] = {k: v for k, v in pd.items() if k != "prompt_token_ids"}
+
+    if not (args.skip_hf_sequential and args.skip_hf_batch):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if args.device == "cpu" and not args.no_flush_denormal:
+            torch.set_flush_denormal(True)  # as pdserve's CPU runner does
+        result["hf_flush_denormal"] = args.device == "cpu" and not args.no_flush_denormal
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=getattr(torch, args.dtype))
+        model = model.to(args.device).eval()
+        if not args.skip_hf_sequential:
+            print("[transformers] generate, one prompt at a time", file=sys.stderr, flush=True)
+            result["hf_sequential"] = measured(
+                lambda: run_hf_sequential(model, prompts, args, tokenizer.eos_token_ids), args)
+            result["greedy_pdserve_vs_hf_sequential"] = greedy_matches(
+                result["hf_sequential"]["token_ids"], pd["token_ids"])
+        if not args.skip_hf_batch:
+            settings = cb_settings(args, extra, prompts)
+            print(f"[transformers] generate_batch {settings}", file=sys.stderr, flush=True)
+            result["hf_continuous_batching"] = measured(
+                lambda: run_hf_batch(model, prompts, args, settings), args)
+            if "hf_sequential" in result:  # informational: CB cannot suppress EOS, only ignore it
+                result["greedy_hf_batch_vs_hf_sequential"] = greedy_matches(
+                    result["hf_sequential"]["token_ids"], result["hf_continuous_batching"]["token_ids"])
+    result["machine"] = machine_info()
+
+    pd_tps = pd["stats"]["tokens_per_second"]
+    for key in PHASES[1:]:
+        if key in result:
+            result[f"ratio_pdserve_over_{key}"] = round(pd_tps / result[key]["tokens_per_second"], 3)
+    print_report(result)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    print(f"results: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

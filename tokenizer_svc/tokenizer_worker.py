@@ -1,0 +1,141 @@
+"""`pdserve tokenizer`: chat template, tokenization and length checks, then on to the scheduler.
+
+Several run side by side: the gateway's PUSH socket deals GenerateRequests round-robin to their
+PULL sockets. A request that cannot run (malformed messages, prompt longer than the context,
+max_tokens past it, out-of-vocabulary ids) is answered straight to the gateway with a
+RequestFailed; a good one becomes n AddRequests (one per choice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from gpu_worker.loading.model_source import resolve_model
+from gpu_worker.model_config import ModelConfig
+from protocol.codec import Codec
+from protocol.config import ModelSettings, StageSettings
+from protocol.endpoints import Endpoints
+from protocol.liveness import send_heartbeats
+from protocol.messages import (
+    AddRequest,
+    GatewayInbound,
+    GenerateRequest,
+    RequestFailed,
+    SchedulerInbound,
+    TokenizerInbound,
+    choice_request_id,
+)
+from protocol.sockets import PullSocket, PushSocket
+from tokenizer_svc.tokenizer import Tokenizer
+
+log = logging.getLogger("pdserve.tokenizer")
+
+
+class PromptError(ValueError):
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class PromptPreparer:
+    """Pure: GenerateRequest -> AddRequests, or PromptError saying what is wrong."""
+
+    def __init__(self, tokenizer: Tokenizer, max_model_len: int, vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+
+    def prepare(self, req: GenerateRequest) -> list[AddRequest]:
+        ids = self._prompt_ids(req)
+        n = len(ids)
+        if n == 0:
+            raise PromptError("the prompt is empty", "prompt")
+        room = self.max_model_len - n
+        if room < 1:
+            raise PromptError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"your prompt has {n} tokens, which leaves no room for output.",
+                "messages" if req.messages is not None else "prompt",
+            )
+        params = req.params
+        if req.max_tokens_is_default:
+            params = msgspec.structs.replace(params, max_tokens=room)
+        elif params.max_tokens > room:
+            raise PromptError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {n + params.max_tokens} tokens ({n} in the prompt, "
+                f"{params.max_tokens} for the completion). Reduce the prompt or max_tokens.",
+                "max_tokens",
+            )
+        if params.min_tokens > params.max_tokens:
+            params = msgspec.structs.replace(params, min_tokens=params.max_tokens)
+        return [
+            AddRequest(
+                request_id=choice_request_id(req.request_id, i, req.n),
+                prompt_token_ids=ids,
+                params=params,
+                eos_token_ids=self.tokenizer.eos_token_ids,
+                arrival_time=req.arrival_time,
+                priority=req.priority,
+                parent_id=req.request_id,
+                index=i,
+            )
+            for i in range(req.n)
+        ]
+
+    def _prompt_ids(self, req: GenerateRequest) -> list[int]:
+        if req.messages is not None:
+            try:
+                return self.tokenizer.apply_chat_template(req.messages)
+            except ValueError as exc:
+                raise PromptError(str(exc), "messages") from exc
+        if req.prompt_token_ids is not None:
+            bad = [t for t in req.prompt_token_ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise PromptError(
+                    f"prompt token ids must be in [0, {self.vocab_size}); got {bad[:3]}", "prompt"
+                )
+            return list(req.prompt_token_ids)
+        if req.prompt is None:
+            raise PromptError("one of prompt or messages is required", "prompt")
+        return self.tokenizer.encode(req.prompt)
+
+
+async def serve_tokenizer(model: ModelSettings, stage: StageSettings, endpoints: Endpoints) -> None:
+    stage_id = stage.stage_id or f"tokenizer-{os.getpid()}"
+    hf_dir = resolve_model(model.model, Path(model.cache_dir).expanduser(),
+                           need_weights=model.load_format != "dummy")
+    cfg = ModelConfig.from_dir(hf_dir)
+    max_len = min(model.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    preparer = PromptPreparer(Tokenizer.from_dir(hf_dir, name=model.model), max_len, cfg.vocab_size)
+    ctx = zmq.asyncio.Context()
+    pull = PullSocket(ctx, endpoints.tokenizer_in, Codec(TokenizerInbound), bind=False)
+    to_scheduler = PushSocket(ctx, endpoints.scheduler_in, Codec(SchedulerInbound), bind=False)
+    to_gateway = PushSocket(ctx, endpoints.gateway_in, Codec(GatewayInbound), bind=False)
+    beat = asyncio.create_task(
+        send_heartbeats([to_gateway], "tokenizer", stage_id, stage.heartbeat_interval)
+    )
+    log.info("tokenizer %s ready (context %d)", stage_id, max_len)
+    try:
+        while True:
+            req = await pull.recv()
+            try:
+                for add in preparer.prepare(req):
+                    await to_scheduler.send(add)
+            except PromptError as exc:
+                await to_gateway.send(RequestFailed(req.request_id, 400, str(exc), exc.param))
+            except Exception as exc:  # never lose a request silently
+                log.exception("tokenizing %s", req.request_id)
+                await to_gateway.send(RequestFailed(req.request_id, 500, f"tokenizer error: {exc}"))
+    finally:
+        beat.cancel()
+        for s in (pull, to_scheduler, to_gateway):
+            s.close()
+        ctx.term()
