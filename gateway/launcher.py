@@ -24,6 +24,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from protocol.endpoints import Endpoints
 from protocol.config import (
     CacheSettings,
     ConfigError,
@@ -133,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
         _stop_all(children)
         if own_run_dir:
             shutil.rmtree(run_dir, ignore_errors=True)
+        elif ep.tcp_host is None:
+            for path in Endpoints.ipc(run_dir).ipc_paths():
+                path.unlink(missing_ok=True)
 
 
 def _wait_ready(url: str, children: list[Child], timeout: float, stopping) -> bool:

@@ -92,7 +92,9 @@ def expected_text(tok: Any, tail: Sequence[int], out: Sequence[int], skip: bool)
     return full[len(before) :].rstrip(REPLACEMENT_CHAR)
 
 
-def stream(tok: Any, tail: Sequence[int], out: Sequence[int], skip: bool, rng: random.Random | None = None) -> list[str]:
+def stream(
+    tok: Any, tail: Sequence[int], out: Sequence[int], skip: bool, rng: random.Random | None = None
+) -> list[str]:
     """The pieces a stream emits, out fed one token at a time (or in random chunks), then flush."""
     detok = IncrementalDetokenizer(tok, tail, skip)
     pieces, i = [], 0
@@ -104,7 +106,9 @@ def stream(tok: Any, tail: Sequence[int], out: Sequence[int], skip: bool, rng: r
     return pieces
 
 
-def check_stream(tok: Any, tail: Sequence[int], out: Sequence[int], skip: bool, rng: random.Random | None = None) -> str:
+def check_stream(
+    tok: Any, tail: Sequence[int], out: Sequence[int], skip: bool, rng: random.Random | None = None
+) -> str:
     pieces = stream(tok, tail, out, skip, rng)
     want = expected_text(tok, tail, out, skip)
     assert "".join(pieces) == want, (tail, out, pieces)

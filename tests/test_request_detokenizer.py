@@ -229,7 +229,8 @@ def test_logprobs_in_deltas(spm: Any) -> None:
         token=" hi", logprob=-0.25, bytes=list(b" hi"), token_id=hi,
         top=[TopLogprob(token=" ", logprob=-1.5, bytes=[32], token_id=3)],
     )]
-    assert make(spm, logprobs=None).step(out([hi], logprobs=rows([[hi, 3]], [[-0.25, -1.5]]))).logprobs is None  # type: ignore[union-attr]
+    unasked = make(spm, logprobs=None).step(out([hi], logprobs=rows([[hi, 3]], [[-0.25, -1.5]])))
+    assert unasked is not None and unasked.logprobs is None
 
 
 # ---------------------------------------------------------------- SmolLM2

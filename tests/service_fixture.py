@@ -1,0 +1,76 @@
+"""Start and stop a real `pdserve up` (every stage a process, real sockets) for the tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str
+    run_dir: Path
+    log: Path
+
+    def child_pids(self) -> list[int]:
+        """Every live process started for this server (the launcher gives each its run dir)."""
+        needle = f"PDSERVE_RUN_DIR={self.run_dir}"
+        return [int(p.name) for p in Path("/proc").iterdir()
+                if p.name.isdigit() and _has_env(int(p.name), needle) and not _is_zombie(int(p.name))]
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _has_env(pid: int, needle: str) -> bool:
+    try:
+        return needle.encode() in Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+
+
+def start_server(model_dir: Path, tmp: Path, *extra: str, ready_timeout: float = 180.0) -> Server:
+    port = free_port()
+    run_dir = tmp / "run"
+    log = tmp / "server.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "gateway.cli", "up", "--model", str(model_dir), "--port", str(port),
+           "--run-dir", str(run_dir), *extra]
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"pdserve up exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return Server(proc, url, run_dir, log)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"pdserve up not ready in {ready_timeout} s:\n{log.read_text()[-3000:]}")

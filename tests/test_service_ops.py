@@ -1,0 +1,132 @@
+"""Operations with real processes: API keys, overload, a dying worker, stages run alone, shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service_fixture import free_port, start_server
+
+pytestmark = pytest.mark.slow
+CHAT = {"messages": [{"role": "user", "content": "Tell me a long story about dragons."}],
+        "max_tokens": 400, "ignore_eos": True}
+
+
+def test_api_key_overload_and_clean_shutdown(smollm2_dir, tmp_path):
+    srv = start_server(smollm2_dir, tmp_path, "--api-key", "s3cret", "--max-num-seqs", "1",
+                       "--max-waiting-requests", "1", "--max-num-batched-tokens", "64")
+    try:
+        url = f"{srv.url}/v1/chat/completions"
+        assert httpx.post(url, json=CHAT).status_code == 401
+        assert httpx.post(url, json=CHAT, headers={"authorization": "Bearer wrong"}).status_code == 401
+        r = httpx.get(f"{srv.url}/v1/models", headers={"authorization": "Bearer s3cret"})
+        assert r.status_code == 200
+        assert httpx.get(f"{srv.url}/health").status_code == 200  # no key for health checks
+
+        auth = {"authorization": "Bearer s3cret"}
+        statuses: list[tuple[int, str | None]] = []
+
+        def fire():
+            resp = httpx.post(url, json=CHAT, headers=auth, timeout=120)
+            statuses.append((resp.status_code, resp.headers.get("retry-after")))
+
+        threads = [threading.Thread(target=fire) for _ in range(8)]
+        started = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        refused = [s for s in statuses if s[0] == 429]
+        assert refused and all(ra is not None for _, ra in refused), statuses
+        assert any(s == 200 for s, _ in statuses)
+        assert time.monotonic() - started < 120
+        pids = srv.child_pids()
+        assert len(pids) == 5  # scheduler, worker, tokenizer, detokenizer, gateway
+    finally:
+        code = srv.stop()
+    assert code == 0
+    assert not [p for p in pids if Path(f"/proc/{p}").exists() and not _zombie(p)]
+    assert not srv.child_pids()
+    assert not list(srv.run_dir.glob("*.sock"))
+
+
+def test_launcher_stops_everything_when_a_child_dies(smollm2_dir, tmp_path):
+    srv = start_server(smollm2_dir, tmp_path)
+    workers = [p for p in srv.child_pids() if b"worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGKILL)
+    code = srv.proc.wait(timeout=60)
+    assert code == 1
+    log = srv.log.read_text()
+    assert "worker-0" in log and "exited" in log
+    time.sleep(0.5)
+    assert not srv.child_pids()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_stages_run_alone_and_a_dead_worker_fails_its_requests(smollm2_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    port = free_port()
+    env = {**os.environ, "PDSERVE_RUN_DIR": str(run_dir), "PDSERVE_MODEL": str(smollm2_dir),
+           "PDSERVE_PORT": str(port), "PDSERVE_LIVENESS_TIMEOUT": "3", "PYTHONUNBUFFERED": "1"}
+    procs = {}
+    log = (tmp_path / "stages.log").open("w")
+    try:
+        for stage in ("scheduler", "worker", "tokenizer", "detokenizer", "gateway"):
+            procs[stage] = subprocess.Popen([sys.executable, "-m", "gateway.cli", stage], env=env,
+                                            stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        ok = httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "max_tokens": 4}, timeout=60)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+
+        result: dict = {}
+
+        def long_request():
+            r = httpx.post(f"{url}/v1/chat/completions", json={**CHAT, "max_tokens": 4000}, timeout=120)
+            result["status"], result["body"] = r.status_code, r.json()
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        time.sleep(3)
+        procs["worker"].kill()
+        t.join(timeout=60)
+        assert result["status"] == 500, result
+        assert "worker" in result["body"]["error"]["message"]
+        workers = httpx.get(f"{url}/workers").json()
+        assert [w["state"] for w in workers] == ["dead"]
+        assert httpx.get(f"{url}/ready").status_code == 503
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["message"]
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for name, p in procs.items():
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                pytest.fail(f"{name} did not exit on SIGTERM")
+        log.close()
