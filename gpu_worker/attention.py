@@ -1,9 +1,9 @@
 """Paged attention over the scheduler's block tables, in plain PyTorch (CPU and CUDA).
 
 The packed batch mixes decode tokens (one query per sequence) and prefill chunks (many). The
-metadata splits them into at most two groups, each served by ONE batched SDPA call over keys
-gathered from the paged cache through padded block tables, so no Python loop runs over
-sequences. Grouped-query attention folds the query heads that share a KV head into the query
+metadata splits them into a few groups of similar size (decode and prefill apart, then bucketed
+so padding stays small), each served by ONE batched SDPA call over keys gathered from the paged
+cache through padded block tables, so no Python loop runs over individual sequences. Grouped-query attention folds the query heads that share a KV head into the query
 axis ([B, kv_heads, group*Q, D]), so keys are never repeated. The metadata is built once per
 step (numpy for index arithmetic) and shared by every layer. Fast fused kernels (Triton) replace
 `PagedAttention.forward` in a later issue behind the same metadata.
@@ -61,8 +61,9 @@ def build_attention_metadata(
     groups = []
     decode = np.nonzero(num_scheduled == 1)[0]
     prefill = np.nonzero(num_scheduled > 1)[0]
-    for members in (decode, prefill):
-        if len(members):
+    context = num_computed + num_scheduled
+    for kind in (decode, prefill):
+        for members in bucket_by_cost(kind, num_scheduled[kind], context[kind]):
             groups.append(
                 _group(
                     members, starts, num_computed, num_scheduled, block_tables, block_size,
@@ -75,6 +76,33 @@ def build_attention_metadata(
         num_tokens=total,
     )
     return meta, positions
+
+
+def bucket_by_cost(
+    members: np.ndarray, q_lens: np.ndarray, ctx_lens: np.ndarray, max_waste: float = 0.3
+) -> list[np.ndarray]:
+    """Split sequences into groups whose padding wastes at most `max_waste` of the work.
+
+    A group is padded to its longest query and context, so one 600-token context among
+    40-token ones would make every sequence pay for 600; sorting by cost and cutting where
+    padding would exceed the budget keeps the work near the real sum with few SDPA calls.
+    """
+    if len(members) == 0:
+        return []
+    order = np.argsort(q_lens * ctx_lens, kind="stable")
+    groups: list[list[int]] = []
+    real = max_q = max_ctx = 0
+    for i in order:
+        q, c = int(q_lens[i]), int(ctx_lens[i])
+        new_q, new_ctx = max(max_q, q), max(max_ctx, c)
+        padded = (len(groups[-1]) + 1) * new_q * new_ctx if groups else 0
+        if groups and padded <= (1 + max_waste) * (real + q * c):
+            groups[-1].append(i)
+            real, max_q, max_ctx = real + q * c, new_q, new_ctx
+        else:
+            groups.append([i])
+            real, max_q, max_ctx = q * c, q, c
+    return [members[np.asarray(g)] for g in groups]
 
 
 def _group(
