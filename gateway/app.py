@@ -96,7 +96,9 @@ class GatewayApp:
 
     async def _generate(self, request: Request, chat: bool) -> Response:
         self._authorize(request)
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        client_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        # Clients reuse ids (retries): the pipeline's id stays unique, the header is echoed.
+        request_id = f"{client_id[:64]}-{uuid.uuid4().hex[:8]}"
         body = await self._read_body(request)
         parsed = parse_chat_request(body) if chat else parse_completion_request(body)
         gen_requests = to_generate_requests(parsed, request_id, time.time(), self.served_model)
@@ -106,7 +108,7 @@ class GatewayApp:
         streams = [await self.client.submit(g) for g in gen_requests]
         gen = Generation(self.client, self.metrics, streams, parsed, chat, request_id,
                          self.served_model, self.gw.request_timeout)
-        headers = {"x-request-id": request_id}
+        headers = {"x-request-id": client_id}
         try:
             failure = await gen.first_failure()
         except BaseException:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpu_worker.attention import AttentionMetadata, paged_attention, write_kv
+from gpu_worker.linear import Linear, can_pack
 from gpu_worker.model_config import ModelConfig
 from gpu_worker.rope import RotaryEmbedding, apply_rotary
 
@@ -47,6 +48,14 @@ class DecoderLayer(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(2 * cfg.intermediate_size, h, **kw), requires_grad=False)
         self.down = nn.Parameter(torch.empty(h, cfg.intermediate_size, **kw), requires_grad=False)
         self.scale = cfg.head_dim**-0.5
+        self.prepare(pack=False)
+
+    def prepare(self, pack: bool) -> None:
+        """Build the matrix-product ops from the (loaded) parameters; see gpu_worker.linear."""
+        self.qkv_op = Linear(self.qkv, self.qkv_bias, pack)
+        self.o_op = Linear(self.o_proj, None, pack)
+        self.gate_up_op = Linear(self.gate_up, None, pack)
+        self.down_op = Linear(self.down, None, pack)
 
     def forward(
         self,
@@ -61,18 +70,18 @@ class DecoderLayer(nn.Module):
         t = x.shape[0]
         residual = x
         h = rms_norm(x, self.input_norm, cfg.rms_norm_eps)
-        qkv = F.linear(h, self.qkv, self.qkv_bias)
+        qkv = self.qkv_op(h)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = apply_rotary(q.view(t, cfg.num_attention_heads, cfg.head_dim), cos, sin)
         k = apply_rotary(k.view(t, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
         v = v.reshape(t, cfg.num_key_value_heads, cfg.head_dim)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         attn = paged_attention(q, k_cache, v_cache, meta, self.scale)
-        x = residual + F.linear(attn.view(t, cfg.q_size), self.o_proj)
+        x = residual + self.o_op(attn.view(t, cfg.q_size))
         residual = x
         h = rms_norm(x, self.post_norm, cfg.rms_norm_eps)
-        gate, up = F.linear(h, self.gate_up).chunk(2, dim=-1)
-        return residual + F.linear(F.silu(gate) * up, self.down)
+        gate, up = self.gate_up_op(h).chunk(2, dim=-1)
+        return residual + self.down_op(F.silu(gate) * up)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -89,6 +98,21 @@ class LlamaForCausalLM(nn.Module):
             else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, **kw), requires_grad=False)
         )
         self.rope = RotaryEmbedding(cfg, max_positions, device, dtype)
+        self.lm_head_op = Linear(self.lm_head, None, pack=False)
+
+    def prepare(self) -> None:
+        """Call once the weights are final: packs them for the fastest kernels of the device.
+
+        The dense copies of packed layer weights are released (the tied embedding stays, the
+        token lookup needs it), so weights must not be loaded again afterwards.
+        """
+        pack = can_pack(self.embed.device, self.embed.dtype)
+        for layer in self.layers:
+            layer.prepare(pack)  # type: ignore[operator]
+            if pack:
+                for name in ("qkv", "o_proj", "gate_up", "down"):
+                    getattr(layer, name).data = torch.empty(0, dtype=self.embed.dtype)
+        self.lm_head_op = Linear(self.lm_head, None, pack)
 
     @torch.inference_mode()
     def forward(
@@ -109,7 +133,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] for the rows that will be sampled."""
         h = rms_norm(hidden, self.norm, self.cfg.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()
+        return self.lm_head_op(h).float()
 
     # ------------------------------------------------------------------ weights
 

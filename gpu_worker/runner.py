@@ -76,6 +76,7 @@ class ModelRunner:
             self.model.init_dummy_weights(model_settings.seed)
         else:
             self.model.load_weights(iter_safetensors_weights(self.hf_dir))
+        self.model.prepare()
         plan = plan_kv_cache(
             cfg, self.device, self.dtype, self.block_size,
             cache_settings.memory_utilization, cache_settings.num_kv_blocks,

@@ -28,6 +28,7 @@ from protocol.messages import (
     Shutdown,
     StepPlan,
     ToWorker,
+    WorkerAccepted,
     WorkerError,
     WorkerHello,
     WorkerRole,
@@ -71,11 +72,14 @@ async def serve_worker(
         vocab_size=runner.vocab_size,
     )
     await sock.send(hello)
-    log.info("worker %s ready: %d KV blocks", worker_id, runner.num_kv_blocks)
     beat = asyncio.create_task(_heartbeats(sock, worker_id, stage.heartbeat_interval))
     try:
         while True:
             msg = await sock.recv()
+            if isinstance(msg, WorkerAccepted):
+                log.info("worker %s accepted by the scheduler (pid %d): %d KV blocks",
+                         worker_id, msg.scheduler_pid, runner.num_kv_blocks)
+                continue
             if isinstance(msg, Shutdown):
                 log.info("worker %s: shutdown (%s)", worker_id, msg.reason)
                 return

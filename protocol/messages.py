@@ -159,7 +159,14 @@ class Shutdown(_Msg, tag="shutdown"):
     reason: str = ""
 
 
-ToWorker = StepPlan | Shutdown
+class WorkerAccepted(_Msg, tag="accepted"):
+    """The scheduler's answer to WorkerHello: the worker is registered and will get steps."""
+
+    worker_id: str
+    scheduler_pid: int
+
+
+ToWorker = StepPlan | Shutdown | WorkerAccepted
 
 
 class WorkerHello(_Msg, tag="hello"):
@@ -353,6 +360,7 @@ ALL_MESSAGE_TYPES: tuple[type, ...] = (
     EngineOutputs,
     StepPlan,
     Shutdown,
+    WorkerAccepted,
     WorkerHello,
     StepResult,
     Heartbeat,

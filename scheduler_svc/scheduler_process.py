@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 import zmq
@@ -39,6 +40,7 @@ from protocol.messages import (
     StageHeartbeat,
     StepResult,
     ToWorker,
+    WorkerAccepted,
     WorkerError,
     WorkerHello,
 )
@@ -49,6 +51,7 @@ from scheduler_svc.worker_slot import WorkerSlot, least_loaded
 log = logging.getLogger("pdserve.scheduler")
 STATS_INTERVAL = 0.5
 PROMPT_TAIL = 6
+EARLY_ABORT_MEMORY = 60.0  # seconds an abort for a not-yet-arrived request is remembered
 
 
 class SchedulerService:
@@ -74,6 +77,7 @@ class SchedulerService:
         self.request_detok: dict[str, bytes] = {}
         self.arrival: dict[str, float] = {}
         self.client_id: dict[str, str] = {}
+        self.early_aborts: dict[str, float] = {}  # aborted before their AddRequest arrived
 
     async def run(self) -> None:
         tasks = [
@@ -108,6 +112,8 @@ class SchedulerService:
             await self._add(msg)
 
     async def _add(self, msg: AddRequest) -> None:
+        if self.early_aborts.pop(msg.request_id, None) is not None:
+            return  # the client left while its request was being tokenized
         client_id = msg.parent_id or msg.request_id
         slot = least_loaded(list(self.workers.values()))
         live_detoks = [d for d in self.detoks if d in self.detok_load]
@@ -141,6 +147,8 @@ class SchedulerService:
         for rid in ids:
             if rid in self.request_worker:
                 by_worker.setdefault(self.request_worker[rid], []).append(rid)
+            elif reason == FinishReason.ABORT:
+                self.early_aborts[rid] = time.monotonic()
         for wid, rids in by_worker.items():
             slot = self.workers[wid]
             outs = slot.scheduler.abort(rids, reason)
@@ -167,6 +175,7 @@ class SchedulerService:
             )
             log.info("worker %s joined: %d blocks, context %d", msg.worker_id,
                      msg.num_kv_blocks, msg.max_model_len)
+            await self.workers_sock.send(identity, WorkerAccepted(msg.worker_id, os.getpid()))
             return
         slot = self.workers.get(msg.worker_id)
         if slot is None or slot.state != "ready":
@@ -264,6 +273,9 @@ class SchedulerService:
             for slot in list(self.workers.values()):
                 if slot.state == "ready" and now - slot.last_seen > self.stage.liveness_timeout:
                     await self._declare_dead(slot, "stopped responding")
+            for rid, when in list(self.early_aborts.items()):
+                if now - when > EARLY_ABORT_MEMORY:
+                    del self.early_aborts[rid]
             for detok, seen in list(self.detoks.items()):
                 if now - seen > self.stage.liveness_timeout:
                     await self._detok_lost(detok)

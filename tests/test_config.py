@@ -240,7 +240,9 @@ def test_from_settings_ipc_in_fresh_temp_dir() -> None:
     try:
         assert run_dir.is_dir() and run_dir.name.startswith("pdserve-")
         assert all(p.parent == run_dir for p in paths)
-        assert Endpoints.from_settings(None, None, None) != ep  # a fresh one each time
+        other = Endpoints.from_settings(None, None, None)
+        other.ipc_paths()[0].parent.rmdir()
+        assert other != ep  # a fresh one each time
     finally:
         run_dir.rmdir()
 

@@ -40,6 +40,7 @@ from protocol.messages import (
     StepResult,
     TokenLogprobs,
     ToWorker,
+    WorkerAccepted,
     WorkerError,
     WorkerHello,
     WorkerRole,
@@ -59,6 +60,7 @@ UNION_OF: dict[type, Any] = {
     EngineOutputs: EngineOutputs,
     StepPlan: ToWorker,
     Shutdown: ToWorker,
+    WorkerAccepted: ToWorker,
     WorkerHello: FromWorker,
     StepResult: FromWorker,
     Heartbeat: FromWorker,
@@ -149,6 +151,7 @@ SAMPLES: list[tuple[str, Any]] = [
     ),
     ("step-empty", StepPlan(0)),
     ("shutdown", Shutdown(reason="bye")),
+    ("accepted", WorkerAccepted("w0", 4321)),
     (
         "hello",
         WorkerHello("w0", WorkerRole.DECODE, 4242, "host-a", "cuda:1", "smollm2-135m",

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
 import time
 
 import httpx
@@ -211,3 +213,21 @@ def test_metrics_are_exported(server, client):
         assert f"pdserve:{name}" in text, name
     assert metric(server, "pdserve:generation_tokens_total") >= 3
     assert 'finished_reason="length"' in text
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_pdserve_bench_against_the_server(server, smollm2_dir, tmp_path, endpoint):
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "bench", "--base-url", server.url, "--endpoint", endpoint,
+         "--dataset", "random", "--num-prompts", "6", "--random-input-len", "24",
+         "--random-output-len", "8", "--ignore-eos", "--request-rate", "20", "--seed", "1",
+         "--tokenizer", str(smollm2_dir), "--slo", "ttft=60000,tpot=60000",
+         "--output-json", str(out), "--plot", str(plot)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    summary = result["summary"]
+    assert summary["completed"] == 6 and summary["failed"] == 0
+    assert all(r["output_len"] == 8 for r in result["requests"])
+    assert summary["output_throughput"] > 0 and plot.stat().st_size > 1000

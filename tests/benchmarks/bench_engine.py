@@ -286,6 +286,16 @@ def measured(phase: Callable[[], dict[str, Any]], args: argparse.Namespace) -> d
     return best
 
 
+def git_state() -> dict[str, Any]:
+    """The commit measured, and whether the working tree differed from it."""
+    def git(*argv: str) -> str:
+        done = subprocess.run(["git", *argv], capture_output=True, text=True, cwd=REPO)
+        return done.stdout.rstrip("\n") if done.returncode == 0 else ""
+
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "modified_files": git("status", "--porcelain", "--untracked-files=no").splitlines()}
+
+
 def machine_info() -> dict[str, Any]:
     import torch
     import transformers
@@ -329,10 +339,11 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"greedy check: {g['equal']}/{g['of']} pdserve outputs equal transformers generate"
               " token for token"
               + (f" (first differences at {g['first_difference_at']})" if g["first_difference_at"] else ""))
-    if "greedy_hf_batch_vs_hf_sequential" in result:
-        g = result["greedy_hf_batch_vs_hf_sequential"]
-        print(f"(for reference: {g['equal']}/{g['of']} transformers generate_batch outputs equal"
-              " its generate's)")
+    references = (("greedy_pdserve_vs_hf_batch", "pdserve outputs equal transformers generate_batch"),
+                  ("greedy_hf_batch_vs_hf_sequential", "transformers generate_batch outputs equal generate"))
+    for key, text in references:
+        if key in result:
+            print(f"  for reference: {result[key]['equal']}/{result[key]['of']} {text}")
     if "hf_continuous_batching" in result:
         print(f"transformers CB settings: {json.dumps(result['hf_continuous_batching']['settings'])}")
 
@@ -369,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts_file = args.output.resolve().with_name(args.output.stem + "-prompts.jsonl")
     write_prompts_file(prompts_file, chats, args.max_tokens)
     result: dict[str, Any] = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-                              "command": command, "model": MODEL, "hf_dir": str(hf_dir),
+                              "command": command, "git": git_state(), "model": MODEL, "hf_dir": str(hf_dir),
                               "device": args.device, "dtype": args.dtype, "num_prompts": args.num_prompts,
                               "max_tokens": args.max_tokens, "prompts_file": str(prompts_file),
                               "prompt_lengths": [len(p) for p in prompts]}
@@ -400,9 +411,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[transformers] generate_batch {settings}", file=sys.stderr, flush=True)
             result["hf_continuous_batching"] = measured(
                 lambda: run_hf_batch(model, prompts, args, settings), args)
-            if "hf_sequential" in result:  # informational: CB cannot suppress EOS, only ignore it
+            # Informational (CB ignores EOS rather than suppressing it): batched float32 sums can
+            # flip a near-tie argmax, so batch-vs-batch may agree where batch-vs-single does not.
+            cb_ids = result["hf_continuous_batching"]["token_ids"]
+            result["greedy_pdserve_vs_hf_batch"] = greedy_matches(cb_ids, pd["token_ids"])
+            if "hf_sequential" in result:
                 result["greedy_hf_batch_vs_hf_sequential"] = greedy_matches(
-                    result["hf_sequential"]["token_ids"], result["hf_continuous_batching"]["token_ids"])
+                    result["hf_sequential"]["token_ids"], cb_ids)
     result["machine"] = machine_info()
 
     pd_tps = pd["stats"]["tokens_per_second"]
