@@ -14,7 +14,7 @@ import torch
 
 from gpu_worker.model_config import ModelConfig
 
-DEFAULT_UTILIZATION = {"cuda": 0.9, "cpu": 0.25}
+DEFAULT_UTILIZATION = {"cuda": 0.9, "cpu": 0.1}
 
 
 class KVCacheSizeError(ValueError):

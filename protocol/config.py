@@ -136,7 +136,7 @@ SETTING_HELP: dict[str, str] = {
     "seed": "base seed for dummy weights and for requests without a seed",
     "block_size": "tokens per KV-cache block",
     "memory_utilization": "fraction of device memory (CUDA: total; CPU: available RAM) for "
-    "weights + KV cache (default 0.9 on CUDA, 0.25 on CPU)",
+    "weights + KV cache (default 0.9 on CUDA, 0.1 on CPU)",
     "num_kv_blocks": "use exactly this many KV blocks (overrides memory_utilization)",
     "enable_prefix_caching": "reuse the KV blocks of a shared prompt prefix",
     "max_num_seqs": "most sequences in one step",
