@@ -14,7 +14,9 @@ import os
 import socket
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 
+import torch
 import zmq
 import zmq.asyncio
 
@@ -46,13 +48,14 @@ async def serve_worker(
     endpoints: Endpoints,
 ) -> None:
     worker_id = stage.stage_id or f"worker-{os.getpid()}"
-    if stage.torch_threads:
-        import torch
-
-        torch.set_num_threads(stage.torch_threads)
     loop = asyncio.get_running_loop()
+    # One thread drives torch for the worker's whole life: OpenMP keeps one thread team per
+    # calling thread, so steps hopping between pool threads would oversubscribe the cores.
+    step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-step")
+    if stage.torch_threads:
+        await loop.run_in_executor(step_thread, torch.set_num_threads, stage.torch_threads)
     runner = await loop.run_in_executor(
-        None, lambda: ModelRunner(model, cache, sched.max_num_batched_tokens, sched.max_num_seqs, worker_id)
+        step_thread, lambda: ModelRunner(model, cache, sched.max_num_batched_tokens, sched.max_num_seqs, worker_id)
     )
     ctx = zmq.asyncio.Context()
     sock: DealerSocket = DealerSocket(
@@ -85,7 +88,7 @@ async def serve_worker(
                 return
             assert isinstance(msg, StepPlan)
             try:
-                result = await loop.run_in_executor(None, runner.execute, msg)
+                result = await loop.run_in_executor(step_thread, runner.execute, msg)
             except Exception as exc:  # the step failed: report it, keep serving
                 log.error("step %d failed: %s", msg.step_id, traceback.format_exc())
                 for seq in [*msg.new_seqs, *msg.cached_seqs]:  # the scheduler fails exactly these
@@ -97,6 +100,7 @@ async def serve_worker(
         beat.cancel()
         sock.close()
         ctx.term()
+        step_thread.shutdown(wait=False)
 
 
 async def _heartbeats(sock: DealerSocket, worker_id: str, interval: float) -> None:

@@ -185,8 +185,11 @@ class SchedulerService:
             return
         if isinstance(msg, StepResult):
             slot.inflight = None
-            await self._route(slot, slot.scheduler.update(msg))
-        elif isinstance(msg, WorkerError):
+            outputs = slot.scheduler.update(msg)
+            await self._kick(slot)  # the worker's next step first: it idles until it arrives
+            await self._route(slot, outputs)
+            return
+        if isinstance(msg, WorkerError):
             plan, slot.inflight = slot.inflight, None
             if plan is not None:
                 await self._route(slot, slot.scheduler.fail_step(plan, f"worker {msg.worker_id}: {msg.message}"))
