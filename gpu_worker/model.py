@@ -142,36 +142,37 @@ class LlamaForCausalLM(nn.Module):
         cfg = self.cfg
         q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
         slices = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}
-        pending = {name for name, _ in self._targets()}
+        pending = set(self._required_checkpoint_names())
         for name, tensor in weights:
             target = self._target(name, slices, inter)
             if target is None:
                 continue
-            param_name, param, rows = target
+            _, param, rows = target
             dest = param if rows is None else param[rows[0] : rows[1]]
             if tuple(dest.shape) != tuple(tensor.shape):
                 raise WeightLoadError(
                     f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dest.shape)}"
                 )
             dest.copy_(tensor.to(dest.dtype))
-            pending.discard(f"{param_name}{'' if rows is None else rows}")
+            pending.discard(name)
         if pending:
             raise WeightLoadError(f"checkpoint lacks {len(pending)} tensors, e.g. {sorted(pending)[:3]}")
 
-    def _targets(self) -> list[tuple[str, None]]:
-        """Names of every piece that must be loaded (fused parameters count per slice)."""
+    def _required_checkpoint_names(self) -> list[str]:
+        """Every Hugging Face tensor name the model needs from a checkpoint."""
         cfg = self.cfg
-        q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
-        names = ["embed", "norm"] + ([] if cfg.tie_word_embeddings else ["lm_head"])
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        if not cfg.tie_word_embeddings:
+            names.append("lm_head.weight")
         for i in range(cfg.num_hidden_layers):
-            p = f"layers.{i}."
-            names += [p + "input_norm", p + "o_proj", p + "post_norm", p + "down"]
-            for rows in ((0, q), (q, q + kv), (q + kv, q + 2 * kv)):
-                names.append(f"{p}qkv{rows}")
-                if cfg.qkv_bias:
-                    names.append(f"{p}qkv_bias{rows}")
-            names += [f"{p}gate_up{(0, inter)}", f"{p}gate_up{(inter, 2 * inter)}"]
-        return [(n, None) for n in names]
+            p = f"model.layers.{i}."
+            names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight",
+                      p + "self_attn.o_proj.weight"]
+            names += [f"{p}mlp.{m}_proj.weight" for m in ("gate", "up", "down")]
+            names += [f"{p}self_attn.{m}_proj.weight" for m in ("q", "k", "v")]
+            if cfg.qkv_bias:
+                names += [f"{p}self_attn.{m}_proj.bias" for m in ("q", "k", "v")]
+        return names
 
     def _target(
         self, name: str, slices: dict[str, tuple[int, int]], inter: int

@@ -23,7 +23,7 @@ from gpu_worker.model import LlamaForCausalLM
 from gpu_worker.model_config import ModelConfig
 from gpu_worker.sampler import sample
 from gpu_worker.sampling_batch import SamplingBatch, SamplingRow
-from gpu_worker.seq_state import ScheduledSeq, SequenceTable
+from gpu_worker.seq_state import ScheduledSeq, SeqState, SequenceTable
 from protocol.config import CacheSettings, ConfigError, ModelSettings
 from protocol.messages import StepPlan, StepResult, TokenLogprobs
 
@@ -164,9 +164,12 @@ def _pack(scheduled: list[ScheduledSeq]) -> tuple[np.ndarray, np.ndarray, np.nda
     return np.asarray(ids, dtype=np.int64), num_computed, num_scheduled, block_tables
 
 
-def _sampling_row(state) -> SamplingRow:
+def _sampling_row(state: SeqState) -> SamplingRow:
     p = state.params
     n_out = state.num_output_tokens
+    # Token histories are copied only for the penalties that read them: this runs every step.
+    rep = p.repetition_penalty != 1.0
+    outputs_needed = rep or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
     return SamplingRow(
         temperature=p.temperature,
         top_k=p.top_k,
@@ -177,8 +180,8 @@ def _sampling_row(state) -> SamplingRow:
         frequency_penalty=p.frequency_penalty,
         seed=state.seed,
         output_index=n_out,
-        prompt_token_ids=state.token_ids[: state.num_prompt_tokens],
-        output_token_ids=state.token_ids[state.num_prompt_tokens :],
+        prompt_token_ids=state.token_ids[: state.num_prompt_tokens] if rep else (),
+        output_token_ids=state.token_ids[state.num_prompt_tokens :] if outputs_needed else (),
         banned_token_ids=state.stop_ids if n_out < p.min_tokens else (),
         num_logprobs=p.logprobs,
     )

@@ -64,7 +64,6 @@ class Scheduler:
         self._rng = random.Random(seed)
         self._order = 0
         self._step_id = 0
-        self._preempted_this_round = False
         self.num_preemptions = 0
         # Prefix-cache statistics, counted once per request at its first successful admission:
         # a lookup whose allocation fails and is retried, or a recompute after preemption, is
@@ -132,7 +131,7 @@ class Scheduler:
         budget = self.settings.max_num_batched_tokens
         new_seqs: list[NewSeq] = []
         cached_seqs: list[CachedSeq] = []
-        preempted = False
+        preemptions_before = self.num_preemptions
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -142,24 +141,22 @@ class Scheduler:
                 continue
             new_blocks = self._allocate_or_preempt(req, n)
             if new_blocks is None:  # req itself was preempted; it was the tail
-                preempted = True
                 break
             if len(self.running) <= i or self.running[i] is not req:
                 raise AssertionError("preemption removed a request ahead of the current one")
-            preempted |= self._preempted_this_round
             cached_seqs.append(
                 CachedSeq(req.request_id, new_blocks, req.num_computed_tokens, n)
             )
             self._advance(req, n)
             budget -= n
             i += 1
-        if not preempted:
+        if self.num_preemptions == preemptions_before:  # no admissions in a step that preempted
             budget = self._admit_waiting(budget, new_seqs)
         forget, self._worker_forget = self._worker_forget, []
         return StepPlan(self._step_id, new_seqs, cached_seqs, forget)
 
     def _allocate_or_preempt(self, req: Request, n: int) -> list[int] | None:
-        self._preempted_this_round = False
+        """Blocks for n more tokens of req, preempting from the tail; None if req went itself."""
         while True:
             blocks = self.kv.allocate_slots(
                 req.request_id, req.token_ids, n, req.num_computed_tokens
@@ -168,7 +165,6 @@ class Scheduler:
                 return blocks
             victim = self.running[-1]
             self._preempt(victim)
-            self._preempted_this_round = True
             if victim is req:
                 return None
 

@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -53,6 +54,19 @@ def _has_env(pid: int, needle: str) -> bool:
         return False
 
 
+def wait_until_ready(url: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> bool:
+    """Poll `url`/ready until it answers 200 (True), `alive()` turns false or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
 def start_server(model_dir: Path, tmp: Path, *extra: str, ready_timeout: float = 180.0) -> Server:
     port = free_port()
     run_dir = tmp / "run"
@@ -62,15 +76,9 @@ def start_server(model_dir: Path, tmp: Path, *extra: str, ready_timeout: float =
            "--run-dir", str(run_dir), *extra]
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"pdserve up exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return Server(proc, url, run_dir, log)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
+    if wait_until_ready(url, ready_timeout, alive=lambda: proc.poll() is None):
+        return Server(proc, url, run_dir, log)
+    if proc.poll() is not None:
+        raise RuntimeError(f"pdserve up exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
     proc.kill()
     raise RuntimeError(f"pdserve up not ready in {ready_timeout} s:\n{log.read_text()[-3000:]}")

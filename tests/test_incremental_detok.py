@@ -18,6 +18,7 @@ from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from tests.toy_tokenizers import train_byte_level
 from tokenizer_svc.incremental_detok import REPLACEMENT_CHAR, IncrementalDetokenizer, hf_tokenizer_of
 
 CORPUS = [
@@ -28,19 +29,6 @@ CORPUS = [
 ] * 20
 TEXT = "Say: Héllo wörld 😀 中文 café, naïve 🎉!"
 NON_ASCII_CHARS = ["é", "ö", "ñ", "ß", "€", "中", "文", "😀", "🎉", "ü"]
-
-
-def train_byte_level() -> PreTrainedTokenizerFast:
-    """A GPT-2-style byte-level BPE: every byte is a token, so emoji split into byte pieces."""
-    raw = RawTokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    raw.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>")
 
 
 def train_sentencepiece_style(decoder: str) -> PreTrainedTokenizerFast:
@@ -74,7 +62,7 @@ def char_ids(spm: PreTrainedTokenizerFast, char: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def byte_level() -> PreTrainedTokenizerFast:
-    return train_byte_level()
+    return train_byte_level(CORPUS)
 
 
 @pytest.fixture(scope="module", params=["llama", "metaspace"])

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 from tokenizers import Tokenizer as RawTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from protocol.messages import (
@@ -20,6 +20,7 @@ from protocol.messages import (
     TopLogprob,
 )
 from protocol.sampling import SamplingParams
+from tests.toy_tokenizers import train_byte_level
 from tokenizer_svc.logprobs_format import TokenTexts, format_logprobs
 from tokenizer_svc.request_detokenizer import RequestDetokenizer
 
@@ -29,15 +30,7 @@ CORPUS = ["The quick brown fox jumps over the lazy dog.", "Héllo wörld, café 
 @pytest.fixture(scope="module")
 def tok() -> PreTrainedTokenizerFast:
     """A small byte-level BPE (GPT-2 style) with <|im_end|> as EOS."""
-    raw = RawTokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    raw.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>")
+    return train_byte_level(CORPUS)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service_fixture import free_port, start_server
+from tests.service_fixture import free_port, start_server, wait_until_ready
 
 pytestmark = pytest.mark.slow
 CHAT = {"messages": [{"role": "user", "content": "Tell me a long story about dragons."}],
@@ -90,14 +90,7 @@ def test_stages_run_alone_and_a_dead_worker_fails_its_requests(smollm2_dir, tmp_
             procs[stage] = subprocess.Popen([sys.executable, "-m", "gateway.cli", stage], env=env,
                                             stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+        assert wait_until_ready(url, 120), (tmp_path / "stages.log").read_text()[-2000:]
         ok = httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "max_tokens": 4}, timeout=60)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
 

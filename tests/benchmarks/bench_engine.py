@@ -18,15 +18,12 @@ import argparse
 import datetime as dt
 import json
 import math
-import os
-import platform
-import resource
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -34,75 +31,15 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing it
 
+from bench_prompts import build_chats, write_prompts_file  # noqa: E402 (beside this script)
+from quiet_machine import BUSY_WARNING_CORES, git_state, machine_info, measured  # noqa: E402
+
 MODEL = "smollm2-135m"
 PDSERVE_DEFAULT_BATCHED_TOKENS = 1024  # pdserve's --max-num-batched-tokens default
 CB_PAGE_SIZE = 16  # = pdserve's default KV block size
-BUSY_WARNING_CORES = 0.1  # other processes' load above which a phase counts as disturbed
 PHASES = ("pdserve", "hf_sequential", "hf_continuous_batching")
 LABELS = {"pdserve": "pdserve generate", "hf_sequential": "transformers generate (one at a time)",
           "hf_continuous_batching": "transformers generate_batch (CB)"}
-
-SYSTEM = "You are a concise assistant. Answer clearly and stay on topic."
-PASSAGE = (
-    "The town of Hollowmere sits where two rivers meet, and for three hundred years its people "
-    "earned their living from the water. Mills along the eastern bank ground grain for farms as far "
-    "as the hills, while boatmen on the western river carried timber, wool and salt down to the "
-    "coast. When the railway arrived in 1861 the boatmen lost most of their trade within a decade, "
-    "but the mills adapted: they began to generate electricity, first for their own machinery and "
-    "later for the street lamps of the town square. By 1900 Hollowmere was one of the first towns "
-    "in the region with electric light, and visitors came from the city simply to walk under it. "
-    "The mills closed one by one after the Second World War, when cheaper power came from the "
-    "national grid. Today the largest of them is a museum, and the old towpath along the western "
-    "river is a cycling route that follows the water for forty kilometres to the sea. "
-)
-QUESTIONS = [
-    "Hi!",
-    "What is the capital of Japan?",
-    "List three prime numbers larger than fifty.",
-    "Write a haiku about a lighthouse in winter.",
-    "Explain in simple words why bread rises when it is baked, for a child who loves cooking.",
-    "Give me four tips for keeping a houseplant alive when I travel for two weeks in summer.",
-    "Translate into French: 'The library opens at nine and closes at five on weekdays.'",
-    "I am planning a small garden on a sunny balcony of about six square metres. I would like "
-    "herbs for cooking, a few flowers for bees, and maybe one vegetable. The balcony gets wind in "
-    "the afternoon. What should I plant, and in what kind of containers?",
-    "Summarise the following text in two sentences.\n\n" + PASSAGE,
-    "My bicycle chain keeps slipping when I pedal hard uphill, mostly in the smallest rear gear. "
-    "The bike is about five years old and I ride it every day to work, about eight kilometres each "
-    "way, in all weather. I clean it sometimes but never replaced anything. What is the most "
-    "likely cause, and what should I check first before taking it to a shop?",
-    "Read this and answer: why did the boatmen lose their trade?\n\n" + PASSAGE * 2,
-    "Write a short friendly email to a neighbour asking to borrow a ladder on Saturday morning.",
-    "Here are my notes from a meeting. Turn them into a numbered list of action items.\n\n"
-    "Anna will send the budget draft by Tuesday. Ben is unsure about the venue and will call two "
-    "alternatives. We agreed the newsletter goes out on the first of the month from now on. Carla "
-    "asked for volunteers for the registration desk; nobody has signed up yet. The printer in the "
-    "office is broken again and someone needs to contact the repair company. Next meeting on the "
-    "twelfth, same time, and Ben will bring the venue quotes.",
-    "Describe the water cycle.",
-    "Compare these two accounts and list three differences.\n\nAccount one: " + PASSAGE
-    + "\n\nAccount two: " + PASSAGE.replace("1861", "1874").replace("forty", "thirty") * 2,
-    "What is seven times eight?",
-]
-
-
-def build_chats(num_prompts: int) -> list[list[dict[str, str]]]:
-    """`num_prompts` chats of varied lengths; every other one has a system message."""
-    chats = []
-    for i in range(num_prompts):
-        question = QUESTIONS[i % len(QUESTIONS)]
-        if i >= len(QUESTIONS):  # keep prompts distinct past the base set
-            question = f"(Request {i}) {question}"
-        head = [{"role": "system", "content": SYSTEM}] if i % 2 else []
-        chats.append(head + [{"role": "user", "content": question}])
-    return chats
-
-
-def write_prompts_file(path: Path, chats: list[list[dict[str, str]]], max_tokens: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"messages": c, "ignore_eos": True, "min_tokens": max_tokens}) for c in chats]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
 
 def run_pdserve(prompts_file: Path, args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     """Run `pdserve generate`, check every output has exactly max_tokens ids, return its stats."""
@@ -233,91 +170,6 @@ def greedy_matches(reference: list[list[int]], other: list[list[int]]) -> dict[s
             "first_difference_at": first_diff}
 
 
-def cpu_seconds() -> tuple[float, float, float]:
-    """(busy CPU seconds of the whole machine, of this process and its waited-for children, stolen)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    tick = os.sysconf("SC_CLK_TCK")
-    own = sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
-                                                resource.getrusage(resource.RUSAGE_CHILDREN)))
-    return (user + nice + system + irq + softirq) / tick, own, steal / tick
-
-
-def other_load(seconds: float) -> float:
-    """Cores kept busy by other processes over the next ``seconds``."""
-    busy0, own0, _ = cpu_seconds()
-    time.sleep(seconds)
-    busy1, own1, _ = cpu_seconds()
-    return max(0.0, (busy1 - busy0) - (own1 - own0)) / seconds
-
-
-def wait_for_idle(max_wait: float) -> float:
-    """Wait (at most ``max_wait`` seconds) until other processes leave the CPUs alone."""
-    start = time.perf_counter()
-    while (load := other_load(2.0)) > BUSY_WARNING_CORES and time.perf_counter() - start < max_wait:
-        print(f"[bench] waiting: other processes use {load:.2f} cores", file=sys.stderr, flush=True)
-    return time.perf_counter() - start
-
-
-def measured(phase: Callable[[], dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    """Run ``phase()`` once the machine is idle and record how busy other processes kept the CPUs
-    meanwhile (``other_processes_cores``). A disturbed run is repeated (--retries); the least
-    disturbed attempt is kept and every attempt is listed."""
-    attempts = []
-    for _ in range(1 + args.retries):
-        waited = wait_for_idle(args.idle_timeout)
-        busy0, own0, steal0 = cpu_seconds()
-        start = time.perf_counter()
-        result = phase()
-        wall = time.perf_counter() - start
-        busy1, own1, steal1 = cpu_seconds()
-        result["phase_wall_seconds"] = round(wall, 2)
-        result["waited_for_idle_seconds"] = round(waited, 1)
-        result["other_processes_cores"] = round(max(0.0, (busy1 - busy0) - (own1 - own0)) / wall, 3)
-        result["steal_cores"] = round((steal1 - steal0) / wall, 3)
-        attempts.append(result)
-        if result["other_processes_cores"] <= BUSY_WARNING_CORES:
-            break
-        print(f"[bench] disturbed: other processes used {result['other_processes_cores']:.2f} cores",
-              file=sys.stderr, flush=True)
-    best = min(attempts, key=lambda r: r["other_processes_cores"])
-    best["attempts"] = [{"tokens_per_second": r.get("stats", r)["tokens_per_second"],
-                         "other_processes_cores": r["other_processes_cores"]} for r in attempts]
-    return best
-
-
-def git_state() -> dict[str, Any]:
-    """The commit measured, and whether the working tree differed from it."""
-    def git(*argv: str) -> str:
-        done = subprocess.run(["git", *argv], capture_output=True, text=True, cwd=REPO)
-        return done.stdout.rstrip("\n") if done.returncode == 0 else ""
-
-    return {"commit": git("rev-parse", "HEAD") or None,
-            "modified_files": git("status", "--porcelain", "--untracked-files=no").splitlines()}
-
-
-def machine_info() -> dict[str, Any]:
-    import torch
-    import transformers
-
-    def first(path: str, key: str) -> str | None:
-        try:
-            for line in Path(path).read_text().splitlines():
-                if line.startswith(key):
-                    return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
-        return None
-
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "cpu_model": first("/proc/cpuinfo", "model name"),
-            "memory_total": first("/proc/meminfo", "MemTotal"), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def print_report(result: dict[str, Any]) -> None:
     print(f"\n{result['num_prompts']} prompts x {result['max_tokens']} new tokens, "
           f"{result['model']} {result['dtype']} on {result['device']}")
@@ -380,13 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     prompts_file = args.output.resolve().with_name(args.output.stem + "-prompts.jsonl")
     write_prompts_file(prompts_file, chats, args.max_tokens)
     result: dict[str, Any] = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-                              "command": command, "git": git_state(), "model": MODEL, "hf_dir": str(hf_dir),
+                              "command": command, "git": git_state(REPO), "model": MODEL, "hf_dir": str(hf_dir),
                               "device": args.device, "dtype": args.dtype, "num_prompts": args.num_prompts,
                               "max_tokens": args.max_tokens, "prompts_file": str(prompts_file),
                               "prompt_lengths": [len(p) for p in prompts]}
 
     # pdserve first, before this process loads a model of its own
-    pd = measured(lambda: run_pdserve(prompts_file, args, extra), args)
+    pd = measured(lambda: run_pdserve(prompts_file, args, extra), args.retries, args.idle_timeout)
     if pd["prompt_token_ids"] != prompts:
         raise SystemExit("pdserve tokenized the prompts differently from transformers' chat template")
     result["pdserve"] = {k: v for k, v in pd.items() if k != "prompt_token_ids"}
@@ -403,14 +255,15 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_hf_sequential:
             print("[transformers] generate, one prompt at a time", file=sys.stderr, flush=True)
             result["hf_sequential"] = measured(
-                lambda: run_hf_sequential(model, prompts, args, tokenizer.eos_token_ids), args)
+                lambda: run_hf_sequential(model, prompts, args, tokenizer.eos_token_ids),
+                args.retries, args.idle_timeout)
             result["greedy_pdserve_vs_hf_sequential"] = greedy_matches(
                 result["hf_sequential"]["token_ids"], pd["token_ids"])
         if not args.skip_hf_batch:
             settings = cb_settings(args, extra, prompts)
             print(f"[transformers] generate_batch {settings}", file=sys.stderr, flush=True)
             result["hf_continuous_batching"] = measured(
-                lambda: run_hf_batch(model, prompts, args, settings), args)
+                lambda: run_hf_batch(model, prompts, args, settings), args.retries, args.idle_timeout)
             # Informational (CB ignores EOS rather than suppressing it): batched float32 sums can
             # flip a near-tie argmax, so batch-vs-batch may agree where batch-vs-single does not.
             cb_ids = result["hf_continuous_batching"]["token_ids"]

@@ -14,10 +14,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import os
-import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +22,10 @@ import time
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
+from quiet_machine import git_state, machine_info  # noqa: E402 (beside this script)
+from tests.service_fixture import free_port, wait_until_ready  # noqa: E402
 
 TOPICS = ["the sea", "volcanoes", "bread", "chess", "the moon", "bees", "trains", "rain",
           "coffee", "maps", "owls", "glass", "rivers", "music", "snow", "bridges"]
@@ -68,24 +69,14 @@ async def _load(url: str, questions: list[str], max_tokens: int) -> tuple[float,
 
 
 def run_service(questions: list[str], max_tokens: int, extra: list[str], workdir: Path) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "gateway.cli", "up", "--port", str(port), *extra]
     log = (workdir / "up.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((workdir / "up.log").read_text()[-2000:])
-            time.sleep(0.3)
+        if not wait_until_ready(url, 300, alive=lambda: proc.poll() is None):
+            raise RuntimeError((workdir / "up.log").read_text()[-2000:])
         seconds, tokens = asyncio.run(_load(url, questions, max_tokens))
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -110,7 +101,7 @@ def main() -> int:
               "command": " ".join([sys.executable, *sys.argv]), "num_prompts": args.num_prompts,
               "max_tokens": args.max_tokens, "offline": offline, "service": service,
               "ratio_service_over_offline": round(ratio, 3),
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
+              "git": git_state(Path(__file__).resolve().parents[2]), "machine": machine_info()}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=1))
     print(f"offline  {offline['tokens_per_second']:8.1f} tok/s  ({offline['generated_tokens']} tokens)")

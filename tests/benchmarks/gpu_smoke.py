@@ -18,9 +18,12 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
+
 from protocol.config import CacheSettings, ModelSettings, SchedulerSettings
 from protocol.sampling import SamplingParams
 from scheduler_svc.offline_engine import OfflineEngine, make_request
+from tests.service_fixture import wait_until_ready
 from tokenizer_svc.tokenizer import Tokenizer
 
 
@@ -62,13 +65,8 @@ def main() -> int:
                             stdout=open(Path(args.out) / "up.log", "w"), stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        if not wait_until_ready(url, 150, alive=lambda: proc.poll() is None):
+            raise RuntimeError((Path(args.out) / "up.log").read_text()[-2000:])
         body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16, "stream": True,
                 "stream_options": {"include_usage": True}}
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
