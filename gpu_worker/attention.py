@@ -5,8 +5,12 @@ metadata splits them into a few groups of similar size (decode and prefill apart
 so padding stays small), each served by ONE batched SDPA call over keys gathered from the paged
 cache through padded block tables, so no Python loop runs over individual sequences. Grouped-query attention folds the query heads that share a KV head into the query
 axis ([B, kv_heads, group*Q, D]), so keys are never repeated. The metadata is built once per
-step (numpy for index arithmetic) and shared by every layer. Fast fused kernels (Triton) replace
-`PagedAttention.forward` in a later issue behind the same metadata.
+step (numpy for index arithmetic) and shared by every layer.
+
+On CPU the decode sequences can instead go to a C kernel that reads keys and values straight
+from the paged cache (gpu_worker.cpu_kernels.paged_decode): decode attention is memory-bound, and
+the gather-then-SDPA path moves the context three times. Fast fused GPU kernels (Triton) plug in
+the same way in a later issue, behind the same metadata.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from gpu_worker.cpu_kernels.paged_decode import DecodeBatch, PagedDecodeKernel
 
 
 @dataclass
@@ -34,6 +40,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # int64 [T]: cache slot (block * block_size + offset) per token
     groups: list[AttentionGroup]
     num_tokens: int
+    decode: DecodeBatch | None = None  # decode sequences served by decode_kernel, not by groups
+    decode_kernel: PagedDecodeKernel | None = None
 
 
 def build_attention_metadata(
@@ -44,11 +52,13 @@ def build_attention_metadata(
     heads_per_kv: int,
     sliding_window: int | None,
     device: torch.device,
+    decode_kernel: PagedDecodeKernel | None = None,
 ) -> tuple[AttentionMetadata, np.ndarray]:
     """Index arithmetic for one step. Returns the metadata and each token's position.
 
     num_computed/num_scheduled: int64 [S]; block_tables: int64 [S, max_blocks] padded with 0
     (the null block). Tokens of sequence s occupy a contiguous range of the packed batch.
+    With `decode_kernel`, single-token sequences are left to it instead of SDPA groups.
     """
     num_seqs = len(num_scheduled)
     starts = np.zeros(num_seqs, dtype=np.int64)
@@ -62,6 +72,10 @@ def build_attention_metadata(
     decode = np.nonzero(num_scheduled == 1)[0]
     prefill = np.nonzero(num_scheduled > 1)[0]
     context = num_computed + num_scheduled
+    decode_batch = None
+    if decode_kernel is not None and len(decode):
+        decode_batch = DecodeBatch.build(starts[decode], context[decode], block_tables[decode])
+        decode = decode[:0]
     for kind in (decode, prefill):
         for members in bucket_by_cost(kind, num_scheduled[kind], context[kind]):
             groups.append(
@@ -74,6 +88,8 @@ def build_attention_metadata(
         slot_mapping=torch.from_numpy(slots).to(device, non_blocking=True),
         groups=groups,
         num_tokens=total,
+        decode=decode_batch,
+        decode_kernel=decode_kernel if decode_batch is not None else None,
     )
     return meta, positions
 
@@ -165,6 +181,8 @@ def paged_attention(
     kv_heads = k_cache.shape[2]
     group_size = heads // kv_heads
     out = torch.empty_like(q)
+    if meta.decode is not None and meta.decode_kernel is not None:
+        meta.decode_kernel(q, k_cache, v_cache, meta.decode, scale, out)
     for g in meta.groups:
         b, q_len = g.token_index.shape
         # index_select copies whole rows; advanced indexing was 5x slower here (per element).

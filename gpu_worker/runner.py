@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from gpu_worker.attention import build_attention_metadata
+from gpu_worker.cpu_kernels.build import KernelBuildError
+from gpu_worker.cpu_kernels.paged_decode import SUPPORTED_DTYPES, PagedDecodeKernel
 from gpu_worker.kv_cache import activation_reserve_bytes, allocate_kv_cache, plan_kv_cache
 from gpu_worker.loading.model_source import resolve_model
 from gpu_worker.loading.weights import iter_safetensors_weights
@@ -88,6 +90,7 @@ class ModelRunner:
             cfg, plan.num_blocks, self.block_size, self.device, self.dtype
         )
         self.seqs = SequenceTable(self.block_size)
+        self.decode_kernel = _decode_kernel(model_settings, self.device, self.dtype, cfg.sliding_window)
         log.info(
             "model %s on %s/%s: %d KV blocks of %d tokens (%.0f MiB)",
             self.hf_dir.name, self.device, self.dtype, plan.num_blocks, self.block_size,
@@ -107,7 +110,7 @@ class ModelRunner:
         meta, positions = build_attention_metadata(
             num_computed, num_scheduled, block_tables, self.block_size,
             self.config.num_attention_heads // self.config.num_key_value_heads,
-            self.config.sliding_window, self.device,
+            self.config.sliding_window, self.device, self.decode_kernel,
         )
         hidden = self.model(
             torch.from_numpy(input_ids).to(self.device, non_blocking=True),
@@ -148,6 +151,26 @@ class ModelRunner:
                 ranks=out.logprobs.ranks.cpu().numpy(),
             )
         return StepResult(step_id, self.worker_id, [s.request_id for s in states], tokens, logprobs)
+
+
+def _decode_kernel(
+    settings: ModelSettings, device: torch.device, dtype: torch.dtype, sliding_window: int | None
+) -> PagedDecodeKernel | None:
+    """The C decode-attention kernel where the settings and the device allow it, else None."""
+    backend = settings.attention_backend
+    if backend == "torch" or (backend == "auto" and device.type != "cpu"):
+        return None
+    if device.type != "cpu" or dtype not in SUPPORTED_DTYPES:
+        if backend == "cpu-c":
+            raise ConfigError(f"attention_backend cpu-c runs on CPU in float32/bfloat16, not {device}/{dtype}")
+        return None
+    try:
+        return PagedDecodeKernel(Path(settings.cache_dir).expanduser(), sliding_window)
+    except (KernelBuildError, OSError) as exc:
+        if backend == "cpu-c":
+            raise ConfigError(f"attention_backend cpu-c: {exc}") from exc
+        log.warning("C decode-attention kernel unavailable, using torch SDPA: %s", exc)
+        return None
 
 
 def _pack(scheduled: list[ScheduledSeq]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

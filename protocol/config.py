@@ -30,9 +30,11 @@ class ModelSettings(msgspec.Struct, frozen=True, kw_only=True):
     cache_dir: str = str(Path("~/.cache/pdserve"))
     max_model_len: int | None = None
     seed: int = 0
+    attention_backend: str = "auto"
 
     def validate(self) -> None:
         _choice("load_format", self.load_format, ("auto", "safetensors", "gguf", "dummy"))
+        _choice("attention_backend", self.attention_backend, ("auto", "torch", "cpu-c"))
         _choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         _choice("device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -134,6 +136,8 @@ SETTING_HELP: dict[str, str] = {
     "cache_dir": "where converted models are cached",
     "max_model_len": "context length (default: the model's own)",
     "seed": "base seed for dummy weights and for requests without a seed",
+    "attention_backend": "auto (on CPU: the C decode kernel if a C compiler is found, else torch) "
+    "| torch (gather + SDPA everywhere) | cpu-c (the C decode kernel; fail if it cannot be built)",
     "block_size": "tokens per KV-cache block",
     "memory_utilization": "fraction of device memory (CUDA: total; CPU: available RAM) for "
     "weights + KV cache (default 0.9 on CUDA, 0.1 on CPU)",
