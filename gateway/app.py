@@ -73,7 +73,8 @@ class GatewayApp:
             {"id": w.worker_id, "role": w.role.name.lower(), "pid": w.pid, "host": w.host,
              "device": w.device, "state": w.state, "blocks_total": w.num_blocks_total,
              "blocks_used": w.num_blocks_used, "running_requests": w.num_running,
-             "waiting_requests": w.num_waiting}
+             "waiting_requests": w.num_waiting, "steps": w.num_steps,
+             "busy_seconds": w.busy_seconds}
             for w in stats.workers
         ]
         return JSONResponse(rows)

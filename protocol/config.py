@@ -61,6 +61,7 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_num_batched_tokens: int = 1024
     scheduling_policy: str = "fcfs"
     max_waiting_requests: int = 4096
+    max_inflight_steps: int = 2
 
     def validate(self) -> None:
         if self.max_num_seqs < 1:
@@ -70,6 +71,8 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True):
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
             )
         _choice("scheduling_policy", self.scheduling_policy, ("fcfs", "priority"))
+        if not 1 <= self.max_inflight_steps <= 8:
+            raise ConfigError(f"max_inflight_steps must be in [1, 8], got {self.max_inflight_steps}")
 
 
 class EndpointSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -147,6 +150,8 @@ SETTING_HELP: dict[str, str] = {
     "max_num_batched_tokens": "token budget of one step (prefill chunks + decodes)",
     "scheduling_policy": "fcfs | priority (lower priority value runs first)",
     "max_waiting_requests": "bound of the waiting queue; past it new requests are refused",
+    "max_inflight_steps": "steps the scheduler keeps queued at a worker: 2 plans step N+1 while N "
+    "runs, hiding the round trip; 1 waits for each result",
     "host": "address the HTTP gateway listens on",
     "port": "HTTP port of the gateway",
     "api_key": "require 'Authorization: Bearer <key>' on /v1 routes",

@@ -329,6 +329,8 @@ class WorkerInfo(_Part):
     num_blocks_used: int
     num_running: int
     num_waiting: int
+    num_steps: int = 0  # steps completed since the worker joined
+    busy_seconds: float = 0.0  # their summed execute time (utilization = its rate of growth)
 
 
 class SchedulerStats(_Msg, tag="stats"):

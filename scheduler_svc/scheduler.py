@@ -136,7 +136,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_uncomputed_tokens, budget, self.max_model_len - req.num_computed_tokens)
-            if n <= 0:
+            if n <= 0 or self._reaches_length_in_flight(req):
                 i += 1
                 continue
             new_blocks = self._allocate_or_preempt(req, n)
@@ -154,6 +154,16 @@ class Scheduler:
             budget = self._admit_waiting(budget, new_seqs)
         forget, self._worker_forget = self._worker_forget, []
         return StepPlan(self._step_id, new_seqs, cached_seqs, forget)
+
+    def _reaches_length_in_flight(self, req: Request) -> bool:
+        """A sample in flight will end the request on length (max_tokens or the context), so
+        computing past it would be wasted: this happens only when planning ahead of results."""
+        if req.num_inflight_samples == 0:
+            return False
+        return (
+            req.num_output_tokens + req.num_inflight_samples >= req.params.max_tokens
+            or req.num_tokens + req.num_inflight_samples >= self.max_model_len
+        )
 
     def _allocate_or_preempt(self, req: Request, n: int) -> list[int] | None:
         """Blocks for n more tokens of req, preempting from the tail; None if req went itself."""

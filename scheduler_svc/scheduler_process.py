@@ -3,8 +3,9 @@
 Sockets: PULL `scheduler_in` (AddRequest/AbortRequests from tokenizers and the gateway), ROUTER
 `worker_router` (workers: Hello, StepResult, Heartbeat, WorkerError), ROUTER `detokenizer_in`
 (detokenizers: heartbeats, stop-string aborts; outputs go back to them), PUSH to `gateway_in`
-(rejections and periodic SchedulerStats). Each worker has one step in flight at a time; when
-its result comes back the next plan for it is sent at once. All of a request's outputs go to
+(rejections and periodic SchedulerStats). Each worker has up to --max-inflight-steps steps
+queued: when a result comes back the queue is topped up at once, so the worker starts its next
+step without waiting for the scheduler (it feeds its own samples forward). All of a request's outputs go to
 the detokenizer chosen when it was admitted. A worker or detokenizer that falls silent past
 the liveness timeout is declared dead and its requests end with a clear error.
 """
@@ -184,34 +185,36 @@ class SchedulerService:
         if isinstance(msg, Heartbeat):
             return
         if isinstance(msg, StepResult):
-            slot.inflight = None
+            slot.complete(msg.step_id)
+            slot.num_steps += 1
+            slot.busy_seconds += msg.execute_seconds
             outputs = slot.scheduler.update(msg)
-            await self._kick(slot)  # the worker's next step first: it idles until it arrives
+            await self._kick(slot, pipeline=True)  # plans first: the worker may be waiting
             await self._route(slot, outputs)
             return
         if isinstance(msg, WorkerError):
-            plan, slot.inflight = slot.inflight, None
+            plan = slot.complete(msg.step_id)
             if plan is not None:
                 await self._route(slot, slot.scheduler.fail_step(plan, f"worker {msg.worker_id}: {msg.message}"))
-        await self._kick(slot)
+        await self._kick(slot, pipeline=True)
 
-    async def _kick(self, slot: WorkerSlot) -> None:
-        plan = slot.next_plan()
-        if plan is None:
-            return
-        now = time.time()
-        for s in plan.new_seqs:
-            slot.first_scheduled.setdefault(s.request_id, now)
-        try:
-            await self.workers_sock.send(slot.identity, plan)
-        except zmq.ZMQError as exc:
-            await self._declare_dead(slot, f"unreachable ({exc})")
+    async def _kick(self, slot: WorkerSlot, pipeline: bool = False) -> None:
+        """Send the worker the plans it can take now (see WorkerSlot.next_plan)."""
+        while (plan := slot.next_plan(pipeline)) is not None:
+            now = time.time()
+            for s in plan.new_seqs:
+                slot.first_scheduled.setdefault(s.request_id, now)
+            try:
+                await self.workers_sock.send(slot.identity, plan)
+            except zmq.ZMQError as exc:
+                await self._declare_dead(slot, f"unreachable ({exc})")
+                return
 
     async def _declare_dead(self, slot: WorkerSlot, why: str) -> None:
         if slot.state == "dead":
             return
         slot.state = "dead"
-        slot.inflight = None
+        slot.inflight.clear()
         log.error("worker %s is dead: %s", slot.worker_id, why)
         ids = [r.request_id for r in slot.scheduler.running + slot.scheduler.waiting]
         outs = slot.scheduler.abort(ids, FinishReason.ERROR)

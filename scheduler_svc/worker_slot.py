@@ -7,6 +7,7 @@ and a request stays on that worker until it ends (moving it is the disaggregatio
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 from protocol.config import CacheSettings, SchedulerSettings
@@ -23,8 +24,11 @@ class WorkerSlot:
     scheduler: Scheduler
     last_seen: float
     state: str = "ready"  # "ready" | "dead"
-    inflight: StepPlan | None = None
+    max_inflight: int = 1
+    inflight: deque[StepPlan] = field(default_factory=deque)  # sent, result not back; oldest first
     first_scheduled: dict[str, float] = field(default_factory=dict)
+    num_steps: int = 0
+    busy_seconds: float = 0.0
 
     @classmethod
     def create(
@@ -33,7 +37,7 @@ class WorkerSlot:
     ) -> WorkerSlot:
         kv = KVCacheManager(hello.num_kv_blocks, hello.block_size, cache.enable_prefix_caching)
         policy = Scheduler(sched, kv, hello.max_model_len, hello.vocab_size, seed)
-        return cls(hello, identity, kv, policy, now)
+        return cls(hello, identity, kv, policy, now, max_inflight=sched.max_inflight_steps)
 
     @property
     def worker_id(self) -> str:
@@ -51,19 +55,35 @@ class WorkerSlot:
             state=self.state, num_blocks_total=self.kv.num_usable_blocks,
             num_blocks_used=self.kv.num_usable_blocks - self.kv.num_free_blocks,
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_steps=self.num_steps, busy_seconds=round(self.busy_seconds, 6),
         )
 
-    def next_plan(self) -> StepPlan | None:
-        """The next step to send, or None when a step is in flight or there is nothing to do."""
-        if self.state != "ready" or self.inflight is not None:
+    def next_plan(self, pipeline: bool) -> StepPlan | None:
+        """The next step to send, or None when there is nothing to do or enough is in flight.
+
+        With `pipeline`, up to max_inflight steps may be queued at the worker (it feeds its own
+        samples forward, so step N+1 can be planned before N's result is back). Without it (a
+        request arrived), a plan goes out only to an idle worker: arrivals during a step then
+        wait for its result and join one larger step instead of a string of small ones.
+        """
+        limit = self.max_inflight if pipeline else 1
+        if self.state != "ready" or len(self.inflight) >= limit:
             return None
         if not (self.scheduler.has_unfinished or self.scheduler.has_pending_forgets):
             return None
         plan = self.scheduler.schedule()
         if not (plan.new_seqs or plan.cached_seqs or plan.finished_request_ids):
             return None
-        self.inflight = plan
+        self.inflight.append(plan)
         return plan
+
+    def complete(self, step_id: int) -> StepPlan | None:
+        """Take the in-flight plan with this id off the queue (None if it is not there)."""
+        for plan in self.inflight:
+            if plan.step_id == step_id:
+                self.inflight.remove(plan)
+                return plan
+        return None
 
 
 def least_loaded(slots: list[WorkerSlot]) -> WorkerSlot | None:

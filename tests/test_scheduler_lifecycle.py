@@ -57,14 +57,30 @@ def test_planning_ahead_of_results_stops_at_the_context() -> None:
     h.add("a", toks(100, 10), max_tokens=100)
     plans = [h.schedule() for _ in range(4)]
     assert news(plans[0]) == [("a", 0, 10, [1, 2, 3])]
-    assert [cached(p) for p in plans[1:]] == [[("a", 10, 1, [])], [("a", 11, 1, [])], []]
+    # The two samples in flight will fill the context: nothing is planned past them.
+    assert [cached(p) for p in plans[1:]] == [[("a", 10, 1, [])], [], []]
     results = [h.execute(p) for p in plans]
-    assert [r.request_ids for r in results] == [["a"], ["a"], ["a"], []]
+    assert [r.request_ids for r in results] == [["a"], ["a"], [], []]
     for result in results:
         h.update(result)
-    # The third sample (a 13th token) was computed but never reported.
-    assert h.outputs["a"] == h.fed["a"][:2] and len(h.fed["a"]) == 3
+    assert h.outputs["a"] == h.fed["a"] and len(h.fed["a"]) == 2
     assert h.final["a"].finish_reason == LENGTH and not h.sched.has_unfinished
+
+
+def test_planning_ahead_of_results_stops_at_max_tokens() -> None:
+    """A request whose samples in flight reach max_tokens is not scheduled again."""
+    h = Harness()
+    h.add("a", toks(100, 5), max_tokens=2)
+    h.add("b", toks(200, 5), max_tokens=8)
+    plans = [h.schedule() for _ in range(3)]
+    assert [s[0] for s in news(plans[0])] == ["a", "b"]
+    assert [s[:3] for s in cached(plans[1])] == [("a", 5, 1), ("b", 5, 1)]
+    assert [s[:3] for s in cached(plans[2])] == [("b", 6, 1)]  # a's 2 samples are in flight
+    for plan in plans:
+        h.update(h.execute(plan))
+    assert len(h.outputs["a"]) == 2 and h.final["a"].finish_reason == LENGTH
+    assert h.outputs["a"] == h.fed["a"]  # nothing computed past its end
+    assert len(h.outputs["b"]) == 3 and h.sched.has_unfinished
 
 
 def test_sample_of_a_preempted_and_readmitted_request_from_before_is_dropped() -> None:
