@@ -38,9 +38,11 @@ class Generation:
         self.response_id = (R.chat_completion_id if chat else R.completion_id)(request_id)
         self.created = int(time.time())
         self.start = time.monotonic()
-        self.deadline = self.start + timeout
+        self.deadline = asyncio.get_running_loop().time() + timeout  # the loop's clock
+        # One stream (the usual case) is read directly; several are merged through a queue.
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.pumps = [asyncio.create_task(self._pump(p, s)) for p, s in enumerate(streams)]
+        self.pumps = [asyncio.create_task(self._pump(p, s)) for p, s in enumerate(streams)] \
+            if len(streams) > 1 else []
         self.choices: dict[int, R.ChoiceResult] = {}
         self.prompt_tokens: dict[int, tuple[int, int]] = {}  # prompt -> (tokens, cached)
         self.last_delta: float | None = None
@@ -57,10 +59,13 @@ class Generation:
     async def _get(self) -> tuple[int, Any]:
         if self.peeked:
             return self.peeked.pop(0)
-        left = self.deadline - time.monotonic()
         try:
-            return await asyncio.wait_for(self.queue.get(), timeout=max(left, 0.001))
-        except asyncio.TimeoutError:
+            # asyncio.timeout_at arms one timer per call; wait_for would also spawn a task.
+            async with asyncio.timeout_at(self.deadline):
+                if not self.pumps:
+                    return 0, await self.streams[0].next()
+                return await self.queue.get()
+        except TimeoutError:
             raise APIError(503, "the request timed out in pdserve; it was aborted") from None
 
     async def first_failure(self) -> APIError | None:

@@ -58,8 +58,21 @@ def test_api_key_overload_and_clean_shutdown(smollm2_dir, tmp_path):
     assert not list(srv.run_dir.glob("*.sock"))
 
 
-def test_launcher_stops_everything_when_a_child_dies(smollm2_dir, tmp_path):
-    srv = start_server(smollm2_dir, tmp_path)
+def test_request_timeout_then_launcher_stops_everything_when_a_child_dies(smollm2_dir, tmp_path):
+    srv = start_server(smollm2_dir, tmp_path, "--request-timeout", "2")
+    for stream in (False, True):  # a request past --request-timeout is aborted with a 503
+        started = time.monotonic()
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json={**CHAT, "max_tokens": 4000, "stream": stream},
+                       timeout=60)
+        assert time.monotonic() - started < 10
+        if stream:
+            assert r.status_code == 200 and "timed out" in r.text and r.text.endswith("data: [DONE]\n\n")
+        else:
+            assert r.status_code == 503 and "timed out" in r.json()["error"]["message"]
+    deadline = time.monotonic() + 10
+    while (usage := _gauge(srv.url, "pdserve:kv_cache_usage_perc")) != 0.0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert usage == 0.0  # the aborted requests' blocks are back
     workers = [p for p in srv.child_pids() if b"worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
     assert len(workers) == 1
     os.kill(workers[0], signal.SIGKILL)
@@ -69,6 +82,13 @@ def test_launcher_stops_everything_when_a_child_dies(smollm2_dir, tmp_path):
     assert "worker-0" in log and "exited" in log
     time.sleep(0.5)
     assert not srv.child_pids()
+
+
+def _gauge(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not exported")
 
 
 def _zombie(pid: int) -> bool:
