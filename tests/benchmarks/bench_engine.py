@@ -3,8 +3,11 @@
 A script, not a test (pytest does not collect it). Three figures, measured one after the other so
 no two compete for the CPU cores:
   1. `pdserve generate` as a subprocess (its stderr stats line; generation time excludes loading);
-  2. transformers `generate`, one prompt at a time (only the generate calls are timed);
-  3. transformers continuous batching, `generate_batch` (only that call is timed).
+  2. transformers continuous batching, `generate_batch` (only that call is timed);
+  3. transformers `generate`, one prompt at a time (only the generate calls are timed).
+1 and 2 alternate for --rounds rounds (this VM's speed drifts by 10-20% over minutes); the CB
+ratio is the median of the per-round ratios, the one-at-a-time ratio uses pdserve's median, and
+the table shows the round with the median pdserve throughput.
 Every prompt is forced to yield exactly --max-tokens new tokens (pdserve: ignore_eos + min_tokens;
 transformers: min_new_tokens, or EOS disabled where min_new_tokens is not supported), so all three
 do the same work. Unknown flags pass through to `pdserve generate` (e.g. --max-num-batched-tokens).
@@ -19,6 +22,7 @@ import datetime as dt
 import json
 import math
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -182,6 +186,9 @@ def print_report(result: dict[str, Any]) -> None:
     for key, label in (("hf_sequential", "one-at-a-time"), ("hf_continuous_batching", "continuous batching")):
         if f"ratio_pdserve_over_{key}" in result:
             print(f"pdserve / transformers {label}: {result[f'ratio_pdserve_over_{key}']:.2f}x")
+    if result.get("rounds") and result["rounds"][0]["ratio"] is not None:
+        per_round = ", ".join(f"{x['ratio']:.2f}x" for x in result["rounds"])
+        print(f"  (continuous batching: median of {len(result['rounds'])} rounds: {per_round})")
     busy = [k for k in PHASES if k in result and result[k]["other_processes_cores"] > BUSY_WARNING_CORES]
     if busy:
         print(f"WARNING: other processes kept the CPUs busy during {', '.join(busy)} "
@@ -200,6 +207,15 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"transformers CB settings: {json.dumps(result['hf_continuous_batching']['settings'])}")
 
 
+def print_round(r: int, rnd: dict[str, Any]) -> None:
+    pd = rnd["pdserve"]["stats"]["tokens_per_second"]
+    line = f"round {r + 1}: pdserve {pd:.1f} tok/s"
+    if "hf_continuous_batching" in rnd:
+        cb = rnd["hf_continuous_batching"]["tokens_per_second"]
+        line += f", transformers CB {cb:.1f} tok/s, ratio {pd / cb:.2f}x"
+    print(line, flush=True)
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Unknown flags are passed to `pdserve generate`.")
@@ -207,6 +223,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (both sides)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternating pdserve / transformers CB rounds; figures are the medians")
     p.add_argument("--skip-hf-sequential", action="store_true")
     p.add_argument("--skip-hf-batch", action="store_true")
     p.add_argument("--no-flush-denormal", action="store_true",
@@ -237,13 +255,10 @@ def main(argv: list[str] | None = None) -> int:
                               "max_tokens": args.max_tokens, "prompts_file": str(prompts_file),
                               "prompt_lengths": [len(p) for p in prompts]}
 
-    # pdserve first, before this process loads a model of its own
-    pd = measured(lambda: run_pdserve(prompts_file, args, extra), args.retries, args.idle_timeout)
-    if pd["prompt_token_ids"] != prompts:
-        raise SystemExit("pdserve tokenized the prompts differently from transformers' chat template")
-    result["pdserve"] = {k: v for k, v in pd.items() if k != "prompt_token_ids"}
-
-    if not (args.skip_hf_sequential and args.skip_hf_batch):
+    if args.skip_hf_sequential and args.skip_hf_batch:
+        rounds = [{"pdserve": measured(lambda: run_pdserve(prompts_file, args, extra), args.retries,
+                                       args.idle_timeout)} for _ in range(args.rounds)]
+    else:
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -252,31 +267,58 @@ def main(argv: list[str] | None = None) -> int:
         result["hf_flush_denormal"] = args.device == "cpu" and not args.no_flush_denormal
         model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=getattr(torch, args.dtype))
         model = model.to(args.device).eval()
+        settings = cb_settings(args, extra, prompts)
+        # Alternating rounds: this VM's speed drifts by 10-20% over minutes, and a ratio of two
+        # figures taken side by side is steadier than either figure.
+        rounds = []
+        for r in range(args.rounds):
+            pd_round = measured(lambda: run_pdserve(prompts_file, args, extra), args.retries, args.idle_timeout)
+            rounds.append({"pdserve": pd_round})
+            if not args.skip_hf_batch:
+                print(f"[transformers] generate_batch, round {r + 1}: {settings}", file=sys.stderr, flush=True)
+                rounds[-1]["hf_continuous_batching"] = measured(
+                    lambda: run_hf_batch(model, prompts, args, settings), args.retries, args.idle_timeout)
+            print_round(r, rounds[-1])
         if not args.skip_hf_sequential:
             print("[transformers] generate, one prompt at a time", file=sys.stderr, flush=True)
             result["hf_sequential"] = measured(
                 lambda: run_hf_sequential(model, prompts, args, tokenizer.eos_token_ids),
                 args.retries, args.idle_timeout)
-            result["greedy_pdserve_vs_hf_sequential"] = greedy_matches(
-                result["hf_sequential"]["token_ids"], pd["token_ids"])
-        if not args.skip_hf_batch:
-            settings = cb_settings(args, extra, prompts)
-            print(f"[transformers] generate_batch {settings}", file=sys.stderr, flush=True)
-            result["hf_continuous_batching"] = measured(
-                lambda: run_hf_batch(model, prompts, args, settings), args.retries, args.idle_timeout)
-            # Informational (CB ignores EOS rather than suppressing it): batched float32 sums can
-            # flip a near-tie argmax, so batch-vs-batch may agree where batch-vs-single does not.
-            cb_ids = result["hf_continuous_batching"]["token_ids"]
-            result["greedy_pdserve_vs_hf_batch"] = greedy_matches(cb_ids, pd["token_ids"])
-            if "hf_sequential" in result:
-                result["greedy_hf_batch_vs_hf_sequential"] = greedy_matches(
-                    result["hf_sequential"]["token_ids"], cb_ids)
+    for rnd in rounds:
+        if rnd["pdserve"]["prompt_token_ids"] != prompts:
+            raise SystemExit("pdserve tokenized the prompts differently from transformers' chat template")
+        rnd["pdserve"] = {k: v for k, v in rnd["pdserve"].items() if k != "prompt_token_ids"}
+        if "hf_continuous_batching" in rnd:
+            rnd["ratio"] = round(rnd["pdserve"]["stats"]["tokens_per_second"]
+                                 / rnd["hf_continuous_batching"]["tokens_per_second"], 3)
+    # The round with the median pdserve throughput stands for pdserve and transformers CB below.
+    by_speed = sorted(rounds, key=lambda x: x["pdserve"]["stats"]["tokens_per_second"])
+    median_round = by_speed[(len(by_speed) - 1) // 2]
+    pd = result["pdserve"] = median_round["pdserve"]
+    if "hf_continuous_batching" in median_round:
+        result["hf_continuous_batching"] = median_round["hf_continuous_batching"]
+    result["rounds"] = [{"pdserve_tokens_per_second": x["pdserve"]["stats"]["tokens_per_second"],
+                         "hf_continuous_batching_tokens_per_second":
+                             x.get("hf_continuous_batching", {}).get("tokens_per_second"),
+                         "ratio": x.get("ratio")} for x in rounds]
+    if "hf_sequential" in result:
+        result["greedy_pdserve_vs_hf_sequential"] = greedy_matches(
+            result["hf_sequential"]["token_ids"], pd["token_ids"])
+    if "hf_continuous_batching" in result:
+        # Informational (CB ignores EOS rather than suppressing it): batched float32 sums can
+        # flip a near-tie argmax, so batch-vs-batch may agree where batch-vs-single does not.
+        cb_ids = result["hf_continuous_batching"]["token_ids"]
+        result["greedy_pdserve_vs_hf_batch"] = greedy_matches(cb_ids, pd["token_ids"])
+        if "hf_sequential" in result:
+            result["greedy_hf_batch_vs_hf_sequential"] = greedy_matches(
+                result["hf_sequential"]["token_ids"], cb_ids)
     result["machine"] = machine_info()
 
-    pd_tps = pd["stats"]["tokens_per_second"]
-    for key in PHASES[1:]:
-        if key in result:
-            result[f"ratio_pdserve_over_{key}"] = round(pd_tps / result[key]["tokens_per_second"], 3)
+    pd_tps = statistics.median(x["pdserve"]["stats"]["tokens_per_second"] for x in rounds)
+    if "hf_sequential" in result:
+        result["ratio_pdserve_over_hf_sequential"] = round(pd_tps / result["hf_sequential"]["tokens_per_second"], 3)
+    if all("ratio" in x for x in rounds) and rounds:
+        result["ratio_pdserve_over_hf_continuous_batching"] = statistics.median(x["ratio"] for x in rounds)
     print_report(result)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
