@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
+import pytest
+
 from protocol.config import CacheSettings, SchedulerSettings
-from protocol.messages import AddRequest, WorkerHello, WorkerRole
+from protocol.messages import AddRequest, FinishReason, WorkerHello, WorkerRole
 from protocol.sampling import SamplingParams
 from scheduler_svc.worker_slot import WorkerSlot
 from tests.scheduler_harness import FakeWorker
@@ -59,3 +63,52 @@ def test_depth_one_is_synchronous():
     _add(slot, "a")
     assert slot.next_plan(pipeline=True) is not None
     assert slot.next_plan(pipeline=True) is None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pipelined_plans_under_kv_pressure_lose_and_repeat_nothing(seed):
+    """Two plans in flight, a cache too small for everyone (preemptions), arrivals and aborts at
+    random: every finished request has exactly the tokens the worker sampled for it, in order."""
+    rng = random.Random(seed)
+    hello = WorkerHello(worker_id="w", role=WorkerRole.MIXED, pid=1, host="h", device="cpu",
+                        model="m", num_kv_blocks=10, block_size=4, max_model_len=36, vocab_size=100)
+    slot = WorkerSlot.create(hello, b"w", SchedulerSettings(max_inflight_steps=2, max_num_batched_tokens=16),
+                             CacheSettings(block_size=4), now=0.0, seed=0)
+    worker = FakeWorker(4)
+    choose = lambda rid, i: (hash((rid, i)) % 97) + 1  # noqa: E731 (deterministic per request)
+    outputs: dict[str, list[int]] = {}
+    finished: dict[str, FinishReason] = {}
+    pending = [f"r{i}" for i in range(12)]
+    aborted: set[str] = set()
+    for _ in range(2000):
+        if pending and rng.random() < 0.7:
+            rid = pending.pop(0)
+            n_prompt = rng.randint(1, 12)
+            slot.scheduler.add_request(AddRequest(rid, [rng.randint(1, 99) for _ in range(n_prompt)],
+                                                  SamplingParams(max_tokens=rng.randint(1, 20)), [], 0.0))
+            outputs[rid] = []
+        if slot.scheduler.running and rng.random() < 0.05:
+            rid = rng.choice(slot.scheduler.running).request_id
+            aborted.add(rid)
+            for out in slot.scheduler.abort([rid]):
+                finished[out.request_id] = out.finish_reason
+        while slot.next_plan(pipeline=True) is not None:
+            pass
+        if slot.inflight:
+            plan = slot.inflight[0]
+            result = worker.run(plan, choose)
+            assert slot.complete(result.step_id) is plan
+            for out in slot.scheduler.update(result):
+                outputs[out.request_id] += out.new_token_ids
+                if out.finish_reason is not None:
+                    finished[out.request_id] = out.finish_reason
+            slot.scheduler.check_integrity()
+        elif not pending and not slot.scheduler.has_unfinished:
+            break
+    assert not pending and not slot.scheduler.has_unfinished
+    assert slot.scheduler.num_preemptions > 0  # the cache is tight on purpose
+    for rid, toks in outputs.items():
+        assert rid in finished
+        assert toks == [choose(rid, i) for i in range(len(toks))], rid
+        if rid not in aborted:
+            assert finished[rid] == FinishReason.LENGTH
