@@ -300,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     result["rounds"] = [{"pdserve_tokens_per_second": x["pdserve"]["stats"]["tokens_per_second"],
                          "hf_continuous_batching_tokens_per_second":
                              x.get("hf_continuous_batching", {}).get("tokens_per_second"),
-                         "ratio": x.get("ratio")} for x in rounds]
+                         "ratio": x.get("ratio"),
+                         "other_processes_cores": [x[k]["other_processes_cores"] for k in PHASES if k in x]}
+                        for x in rounds]
     if "hf_sequential" in result:
         result["greedy_pdserve_vs_hf_sequential"] = greedy_matches(
             result["hf_sequential"]["token_ids"], pd["token_ids"])
