@@ -3,6 +3,9 @@
 Every line is checked before any compute is spent; a bad line is reported with its line number
 and the run stops (exit status 2) without generating. Results are one JSON line per input in
 input order; a stats line goes to stderr at the end (generation time excludes model loading).
+Text is made as the service makes it (tokenizer_svc.request_detokenizer): `stop` strings end a
+request and are cut from its text unless `include_stop_str_in_output`, and the text of a stop
+token (EOS or one of `stop_token_ids`) is not shown.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from protocol.config import (
     add_settings_arguments,
     settings_from,
 )
+from protocol.messages import DETOK_PROMPT_TAIL, DetokRequest, RequestOutput
 from protocol.sampling import SamplingParams
 
 DEFAULT_MAX_TOKENS = 128
@@ -45,6 +49,8 @@ class PromptLine(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     seed: int | None = None
     min_tokens: int | None = None
     stop_token_ids: list[int] | None = None
+    stop: str | list[str] | None = None
+    include_stop_str_in_output: bool | None = None
     ignore_eos: bool | None = None
     logprobs: int | None = None
     skip_special_tokens: bool | None = None
@@ -94,6 +100,8 @@ def parse_prompt_lines(text: str, defaults: SamplingParams, vocab_size: int | No
 def _line_params(line: PromptLine, defaults: SamplingParams) -> SamplingParams:
     names = (f.name for f in msgspec.structs.fields(SamplingParams))
     overrides = {n: getattr(line, n) for n in names if getattr(line, n, None) is not None}
+    if isinstance(overrides.get("stop"), str):
+        overrides["stop"] = [overrides["stop"]]
     return msgspec.structs.replace(defaults, **overrides)
 
 
@@ -110,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     from scheduler_svc.offline_engine import OfflineEngine, make_request
+    from tokenizer_svc.request_detokenizer import RequestDetokenizer
     from tokenizer_svc.tokenizer import Tokenizer
 
     engine = OfflineEngine(model, cache, sched)
@@ -131,12 +140,26 @@ def run(args: argparse.Namespace) -> int:
         print("pdserve generate: " + "\n".join(errors), file=sys.stderr)
         return 2
 
+    # Text comes out as the service's detokenizer makes it: incrementally, with stop strings
+    # held back and matched, and a match ends the request at once.
+    texts = {r.request_id: [] for r in requests}
+    detoks = {r.request_id: RequestDetokenizer(tokenizer, DetokRequest(
+        r.request_id, "", 0, r.prompt_token_ids[-DETOK_PROMPT_TAIL:], len(r.prompt_token_ids), r.params,
+    )) for r in requests}
+
+    def on_output(output: RequestOutput) -> bool:
+        detok = detoks[output.request_id]
+        delta = detok.step(output)
+        if delta is not None:
+            texts[output.request_id].append(delta.text)
+        return detok.matched_stop is not None
+
     start = time.perf_counter()
-    completions = engine.generate(requests)
+    completions = engine.generate(requests, on_output)
     seconds = time.perf_counter() - start
     out = sys.stdout
-    for index, (c, (_, params)) in enumerate(zip(completions, lines)):
-        text_out = tokenizer.decode(c.token_ids, skip_special_tokens=params.skip_special_tokens)
+    for index, c in enumerate(completions):
+        text_out = "".join(texts[c.request_id])
         record = {
             "index": index,
             "prompt_token_ids": c.prompt_token_ids,

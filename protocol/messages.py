@@ -242,6 +242,9 @@ def choice_request_id(request_id: str, index: int, n: int) -> str:
 # ---------------------------------------------------------------- scheduler <-> detokenizer
 
 
+DETOK_PROMPT_TAIL = 6  # prompt tokens a detokenizer gets as context for the first output's spaces
+
+
 class DetokRequest(_Msg, tag="detok_new"):
     """Sent before a request's first output, so its detokenizer knows how to render it."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from gpu_worker.runner import ModelRunner
 from protocol.config import CacheSettings, ModelSettings, SchedulerSettings
@@ -64,8 +65,15 @@ class OfflineEngine:
             self.scheduler.check_integrity()
         return outputs
 
-    def generate(self, requests: list[AddRequest]) -> list[Completion]:
-        """Run every request to completion; results in the order given."""
+    def generate(
+        self, requests: list[AddRequest], on_output: Callable[[RequestOutput], bool] | None = None
+    ) -> list[Completion]:
+        """Run every request to completion; results in the order given.
+
+        `on_output` sees every output as it comes (`pdserve generate` detokenizes there); when it
+        returns True for an unfinished request, that request stops now with reason "stop" (a stop
+        string matched), as the service's detokenizer does by aborting it.
+        """
         done = {
             r.request_id: Completion(r.request_id, list(r.prompt_token_ids)) for r in requests
         }
@@ -74,6 +82,9 @@ class OfflineEngine:
         while self.scheduler.has_unfinished:
             for out in self.step():
                 _collect(done[out.request_id], out)
+                if on_output is not None and on_output(out) and out.finish_reason is None:
+                    for ended in self.scheduler.abort([out.request_id], FinishReason.STOP):
+                        _collect(done[ended.request_id], ended)
         if self.scheduler.has_pending_forgets:  # let the worker drop finished sequences
             self.runner.execute(self.scheduler.schedule())
         return [done[r.request_id] for r in requests]

@@ -24,6 +24,7 @@ from protocol.codec import Codec
 from protocol.config import CacheSettings, SchedulerSettings, StageSettings
 from protocol.endpoints import Endpoints
 from protocol.messages import (
+    DETOK_PROMPT_TAIL,
     AbortRequests,
     AddRequest,
     DetokenizerInbound,
@@ -51,7 +52,6 @@ from scheduler_svc.worker_slot import WorkerSlot, least_loaded
 
 log = logging.getLogger("pdserve.scheduler")
 STATS_INTERVAL = 0.5
-PROMPT_TAIL = 6
 EARLY_ABORT_MEMORY = 60.0  # seconds an abort for a not-yet-arrived request is remembered
 
 
@@ -138,7 +138,7 @@ class SchedulerService:
         self.arrival[rid] = msg.arrival_time
         self.client_id[rid] = client_id
         await self.detok_sock.send(detok, DetokRequest(
-            rid, client_id, msg.index, msg.prompt_token_ids[-PROMPT_TAIL:],
+            rid, client_id, msg.index, msg.prompt_token_ids[-DETOK_PROMPT_TAIL:],
             len(msg.prompt_token_ids), msg.params,
         ))
         await self._kick(slot)
