@@ -35,6 +35,7 @@ class Generation:
         self.chat, self.model = chat, model
         self.n = streams[0].n
         self.include_usage = bool(parsed.include_usage)
+        self.continuous_usage = bool(parsed.continuous_usage_stats)  # usage on every chunk (vLLM)
         self.response_id = (R.chat_completion_id if chat else R.completion_id)(request_id)
         self.created = int(time.time())
         self.start = time.monotonic()
@@ -128,15 +129,16 @@ class Generation:
                 if d.finish_reason == "error":
                     yield R.sse(error_body(500, d.error or "generation failed"))
                     continue
+                usage = self._usage() if self.continuous_usage else None
                 if self.chat:
                     if first:
-                        yield R.sse(R.chat_chunk(*args, index, "", role=True))
+                        yield R.sse(R.chat_chunk(*args, index, "", role=True, usage=usage))
                     yield R.sse(R.chat_chunk(*args, index, d.text, finish_reason=d.finish_reason,
-                                             stop_reason=d.stop_reason, logprobs=d.logprobs))
+                                             stop_reason=d.stop_reason, logprobs=d.logprobs, usage=usage))
                 else:
                     yield R.sse(R.completion_chunk(*args, index, d.text, finish_reason=d.finish_reason,
                                                    stop_reason=d.stop_reason, logprobs=d.logprobs,
-                                                   text_offset=offsets.get(index, 0)))
+                                                   text_offset=offsets.get(index, 0), usage=usage))
                     offsets[index] = offsets.get(index, 0) + len(d.text)
             if self.include_usage:
                 usage_chunk = R.chat_usage_chunk if self.chat else R.completion_usage_chunk

@@ -85,6 +85,15 @@ def test_chat_and_completions_stream_and_not(server, client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
 
+    # vLLM's continuous_usage_stats: every chunk carries the usage so far
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0, max_tokens=20, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert all(c.usage.prompt_tokens == chat.usage.prompt_tokens for c in chunks)
+    assert counts == sorted(counts) and counts[-1] == chat.usage.completion_tokens and counts[1] >= 1
+
     comp = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=8,
                                      temperature=0, n=2, logprobs=2)
     assert len(comp.choices) == 2 and comp.choices[0].text == comp.choices[1].text
