@@ -144,64 +144,51 @@ def completion_logprobs(tokens: list[TokenLogprob], text_offset: int = 0) -> dic
 # ---------------------------------------------------------------- whole responses
 
 
+def _envelope(
+    obj: str, response_id: str, created: int, model: str, choices: list[dict[str, Any]],
+    usage: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """What every response and chunk shares; `usage` is left out when None (plain chunks)."""
+    body = {"id": response_id, "object": obj, "created": created, "model": model,
+            "choices": choices}
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
 def chat_completion_body(
     response_id: str, created: int, model: str, choices: list[ChoiceResult],
     usage: dict[str, Any],
 ) -> dict[str, Any]:
-    return {
-        "id": response_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": None if c.logprobs is None else chat_logprobs(c.logprobs),
-                "finish_reason": c.finish_reason,
-                "stop_reason": c.stop_reason,
-            }
-            for c in sorted(choices, key=lambda c: c.index)
-        ],
-        "usage": usage,
-    }
+    return _envelope("chat.completion", response_id, created, model, [
+        {
+            "index": c.index,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": None if c.logprobs is None else chat_logprobs(c.logprobs),
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
+        }
+        for c in sorted(choices, key=lambda c: c.index)
+    ], usage)
 
 
 def completion_body(
     response_id: str, created: int, model: str, choices: list[ChoiceResult],
     usage: dict[str, Any],
 ) -> dict[str, Any]:
-    return {
-        "id": response_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": c.index,
-                "text": c.text,
-                "logprobs": None if c.logprobs is None else completion_logprobs(c.logprobs),
-                "finish_reason": c.finish_reason,
-                "stop_reason": c.stop_reason,
-            }
-            for c in sorted(choices, key=lambda c: c.index)
-        ],
-        "usage": usage,
-    }
+    return _envelope("text_completion", response_id, created, model, [
+        {
+            "index": c.index,
+            "text": c.text,
+            "logprobs": None if c.logprobs is None else completion_logprobs(c.logprobs),
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
+        }
+        for c in sorted(choices, key=lambda c: c.index)
+    ], usage)
 
 
 # ---------------------------------------------------------------- streaming chunks
-
-
-def _chunk(
-    obj: str, response_id: str, created: int, model: str, choices: list[dict[str, Any]],
-    usage: dict[str, Any] | None,
-) -> dict[str, Any]:
-    chunk = {"id": response_id, "object": obj, "created": created, "model": model,
-             "choices": choices}
-    if usage is not None:
-        chunk["usage"] = usage
-    return chunk
 
 
 def _finish(choice: dict[str, Any], finish_reason: str | None, stop_reason: int | str | None
@@ -221,14 +208,14 @@ def chat_chunk(
     delta: dict[str, Any] = {"role": "assistant", "content": text} if role else {"content": text}
     choice = {"index": index, "delta": delta,
               "logprobs": None if logprobs is None else chat_logprobs(logprobs)}
-    return _chunk("chat.completion.chunk", response_id, created, model,
+    return _envelope("chat.completion.chunk", response_id, created, model,
                   [_finish(choice, finish_reason, stop_reason)], usage)
 
 
 def chat_usage_chunk(response_id: str, created: int, model: str, usage: dict[str, Any]
                      ) -> dict[str, Any]:
     """The include_usage chunk: no choices, the whole response's usage."""
-    return _chunk("chat.completion.chunk", response_id, created, model, [], usage)
+    return _envelope("chat.completion.chunk", response_id, created, model, [], usage)
 
 
 def completion_chunk(
@@ -240,10 +227,10 @@ def completion_chunk(
     """A streamed "text_completion" with one choice's new text; `text_offset` as above."""
     choice = {"index": index, "text": text,
               "logprobs": None if logprobs is None else completion_logprobs(logprobs, text_offset)}
-    return _chunk("text_completion", response_id, created, model,
+    return _envelope("text_completion", response_id, created, model,
                   [_finish(choice, finish_reason, stop_reason)], usage)
 
 
 def completion_usage_chunk(response_id: str, created: int, model: str, usage: dict[str, Any]
                            ) -> dict[str, Any]:
-    return _chunk("text_completion", response_id, created, model, [], usage)
+    return _envelope("text_completion", response_id, created, model, [], usage)

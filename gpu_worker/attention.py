@@ -40,8 +40,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # int64 [T]: cache slot (block * block_size + offset) per token
     groups: list[AttentionGroup]
     num_tokens: int
-    decode: DecodeBatch | None = None  # decode sequences served by decode_kernel, not by groups
-    decode_kernel: PagedDecodeKernel | None = None
+    decode: DecodeBatch | None = None  # decode sequences left to the C kernel, not in groups
 
 
 def build_attention_metadata(
@@ -74,9 +73,8 @@ def build_attention_metadata(
     context = num_computed + num_scheduled
     decode_batch = None
     if decode_kernel is not None and len(decode):
-        decode_batch = DecodeBatch.build(starts[decode], context[decode], block_tables[decode])
-        decode = decode[:0]
-    for kind in (decode, prefill):
+        decode_batch = DecodeBatch.build(decode_kernel, starts[decode], context[decode], block_tables[decode])
+    for kind in (prefill,) if decode_batch is not None else (decode, prefill):
         for members in bucket_by_cost(kind, num_scheduled[kind], context[kind]):
             groups.append(
                 _group(
@@ -89,7 +87,6 @@ def build_attention_metadata(
         groups=groups,
         num_tokens=total,
         decode=decode_batch,
-        decode_kernel=decode_kernel if decode_batch is not None else None,
     )
     return meta, positions
 
@@ -181,8 +178,8 @@ def paged_attention(
     kv_heads = k_cache.shape[2]
     group_size = heads // kv_heads
     out = torch.empty_like(q)
-    if meta.decode is not None and meta.decode_kernel is not None:
-        meta.decode_kernel(q, k_cache, v_cache, meta.decode, scale, out)
+    if meta.decode is not None:
+        meta.decode.attend(q, k_cache, v_cache, scale, out)
     for g in meta.groups:
         b, q_len = g.token_index.shape
         # index_select copies whole rows; advanced indexing was 5x slower here (per element).

@@ -5,8 +5,8 @@ Sockets: PULL `scheduler_in` (AddRequest/AbortRequests from tokenizers and the g
 (detokenizers: heartbeats, stop-string aborts; outputs go back to them), PUSH to `gateway_in`
 (rejections and periodic SchedulerStats). Each worker has up to --max-inflight-steps steps
 queued: when a result comes back the queue is topped up at once, so the worker starts its next
-step without waiting for the scheduler (it feeds its own samples forward). All of a request's outputs go to
-the detokenizer chosen when it was admitted. A worker or detokenizer that falls silent past
+step without waiting for the scheduler (it feeds its own samples forward). All of a request's
+outputs go to the detokenizer chosen when it was admitted. A worker or detokenizer that falls silent past
 the liveness timeout is declared dead and its requests end with a clear error.
 """
 

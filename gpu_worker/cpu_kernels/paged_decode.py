@@ -20,18 +20,25 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 
 @dataclass
 class DecodeBatch:
-    """The decode sequences of a step, as the kernel reads them (contiguous int64, CPU)."""
+    """The decode sequences of a step, as the kernel reads them (contiguous int64, CPU), and the
+    kernel that attends them."""
 
+    kernel: PagedDecodeKernel
     token_index: torch.Tensor  # [S] row of each sequence's query in the packed batch
     context_lens: torch.Tensor  # [S] tokens in the cache after this step's write
     block_tables: torch.Tensor  # [S, max_blocks]
 
     @classmethod
-    def build(cls, token_index: np.ndarray, context_lens: np.ndarray, block_tables: np.ndarray) -> DecodeBatch:
+    def build(cls, kernel: PagedDecodeKernel, token_index: np.ndarray, context_lens: np.ndarray,
+              block_tables: np.ndarray) -> DecodeBatch:
         def as_tensor(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
 
-        return cls(as_tensor(token_index), as_tensor(context_lens), as_tensor(block_tables))
+        return cls(kernel, as_tensor(token_index), as_tensor(context_lens), as_tensor(block_tables))
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+               out: torch.Tensor) -> None:
+        self.kernel(q, k_cache, v_cache, self, scale, out)
 
 
 class PagedDecodeKernel:
