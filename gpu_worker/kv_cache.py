@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gpu_worker.model_config import ModelConfig
+from protocol.model_files.model_config import ModelConfig
 
 DEFAULT_UTILIZATION = {"cuda": 0.9, "cpu": 0.1}
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from gpu_worker.attention import AttentionMetadata, paged_attention, write_kv
 from gpu_worker.linear import Linear, can_pack
-from gpu_worker.model_config import ModelConfig
+from protocol.model_files.model_config import ModelConfig
 from gpu_worker.rope import RotaryEmbedding, apply_rotary
 
 

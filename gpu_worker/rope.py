@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from gpu_worker.model_config import ModelConfig
+from protocol.model_files.model_config import ModelConfig
 
 
 def inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:

@@ -19,10 +19,10 @@ from gpu_worker.attention import build_attention_metadata
 from gpu_worker.cpu_kernels.build import KernelBuildError
 from gpu_worker.cpu_kernels.paged_decode import SUPPORTED_DTYPES, PagedDecodeKernel
 from gpu_worker.kv_cache import activation_reserve_bytes, allocate_kv_cache, plan_kv_cache
-from gpu_worker.loading.model_source import resolve_model
+from protocol.model_files.model_source import resolve_model
 from gpu_worker.loading.weights import iter_safetensors_weights
 from gpu_worker.model import LlamaForCausalLM
-from gpu_worker.model_config import ModelConfig
+from protocol.model_files.model_config import ModelConfig
 from gpu_worker.sampler import sample
 from gpu_worker.sampling_batch import SamplingBatch, SamplingRow
 from gpu_worker.seq_state import ScheduledSeq, SeqState, SequenceTable

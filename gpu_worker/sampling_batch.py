@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gpu_worker.sampler import noise_key
+from gpu_worker.sampling_noise import noise_key
 
 # Temperatures below this are greedy (as in vLLM): dividing by them would overflow anyway.
 GREEDY_TEMPERATURE_EPS = 1e-5

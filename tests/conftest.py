@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gpu_worker.loading.model_source import resolve_model
+from protocol.model_files.model_source import resolve_model
 
 
 @pytest.fixture(scope="session")

@@ -72,7 +72,7 @@ def start_server(model_dir: Path, tmp: Path, *extra: str, ready_timeout: float =
     run_dir = tmp / "run"
     log = tmp / "server.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "gateway.cli", "up", "--model", str(model_dir), "--port", str(port),
+    cmd = [sys.executable, "-m", "pdserve.cli", "up", "--model", str(model_dir), "--port", str(port),
            "--run-dir", str(run_dir), *extra]
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from gateway.bench import report
-from gateway.bench.client import (RequestRecord, SSEParser, StreamError, StreamTracker,
+from pdserve.bench import report
+from pdserve.bench.client import (RequestRecord, SSEParser, StreamError, StreamTracker,
                                   build_payload)
-from gateway.bench.command import is_local_url
-from gateway.bench.datasets import (WORDS, BenchRequest, ShareGPTLimits, estimated_tokens,
+from pdserve.bench.command import is_local_url
+from pdserve.bench.datasets import (WORDS, BenchRequest, ShareGPTLimits, estimated_tokens,
                                     length_range, random_requests, sharegpt_requests)
-from gateway.bench.runner import poisson_arrival_times, run_schedule
-from gateway.cli import build_parser, main
+from pdserve.bench.runner import poisson_arrival_times, run_schedule
+from pdserve.cli import build_parser, main
 
 # ---------------------------------------------------------------- SSE parsing
 

@@ -15,7 +15,7 @@ import torch
 
 from protocol.config import CacheSettings, ModelSettings, SchedulerSettings
 from protocol.sampling import SamplingParams
-from scheduler_svc.offline_engine import OfflineEngine, make_request
+from pdserve.offline_engine import OfflineEngine, make_request
 
 COMMON = dict(
     vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -14,7 +14,7 @@ import torch
 
 from protocol.config import CacheSettings, ModelSettings, SchedulerSettings
 from protocol.sampling import SamplingParams
-from scheduler_svc.offline_engine import OfflineEngine, make_request
+from pdserve.offline_engine import OfflineEngine, make_request
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import pytest
 from protocol.config import CacheSettings, ModelSettings, SchedulerSettings
 from protocol.messages import FinishReason
 from protocol.sampling import SamplingParams
-from scheduler_svc.offline_engine import OfflineEngine, make_request
+from pdserve.offline_engine import OfflineEngine, make_request
 
 pytestmark = pytest.mark.slow
 

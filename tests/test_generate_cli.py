@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from gateway.generate_command import InputError, parse_prompt_lines
+from pdserve.generate_command import InputError, parse_prompt_lines
 from protocol.sampling import SamplingParams
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "generate", *args],
+        [sys.executable, "-m", "pdserve.cli", "generate", *args],
         cwd=cwd, capture_output=True, text=True, timeout=600,
     )
 

@@ -13,14 +13,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gpu_worker.loading import model_source
-from gpu_worker.loading.gguf_convert import (
+from protocol.model_files import model_source
+from protocol.model_files.gguf_convert import (
     build_hf_config,
     dequantized_state_dict,
     hf_tensor_name,
     unpermute_qk,
 )
-from gpu_worker.loading.model_source import (
+from protocol.model_files.model_source import (
     DEFAULT_MODEL,
     ModelNotFoundError,
     bundled_gguf_path,
@@ -148,8 +148,8 @@ def test_tiny_gguf_tensors_and_config(tmp_path: Path, arch: str, with_output: bo
     state = dequantized_state_dict(reader, config)
     assert sorted(state) == sorted(expected)
     for name, array in expected.items():
-        assert state[name].dtype == torch.float32
-        assert torch.equal(state[name], torch.from_numpy(array)), name
+        assert state[name].dtype == np.float32
+        assert np.array_equal(state[name], array), name
 
 
 def test_unsupported_architecture_is_rejected(tmp_path: Path) -> None:

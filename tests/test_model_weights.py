@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gpu_worker.model import LlamaForCausalLM, WeightLoadError
-from gpu_worker.model_config import ModelConfig
+from protocol.model_files.model_config import ModelConfig
 
 CONFIG = {"model_type": "qwen2", "vocab_size": 32, "hidden_size": 8, "intermediate_size": 12,
           "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,

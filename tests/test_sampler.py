@@ -9,14 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from gpu_worker.sampler import (
-    SamplerOutput,
-    hash32,
-    noise_key,
-    process_logits,
-    sample,
-    uniform_noise,
-)
+from gpu_worker.sampler import SamplerOutput, process_logits, sample
+from gpu_worker.sampling_noise import hash32, noise_key, uniform_noise
 from gpu_worker.sampling_batch import SamplingBatch, SamplingRow
 
 CPU = torch.device("cpu")

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -19,7 +20,7 @@ import pytest
 
 from protocol.config import CacheSettings, ModelSettings, SchedulerSettings
 from protocol.sampling import SamplingParams
-from scheduler_svc.offline_engine import OfflineEngine, make_request
+from pdserve.offline_engine import OfflineEngine, make_request
 from tests.service_fixture import start_server
 
 pytestmark = pytest.mark.slow
@@ -228,7 +229,7 @@ def test_metrics_are_exported(server, client):
 def test_pdserve_bench_against_the_server(server, smollm2_dir, tmp_path, endpoint):
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "bench", "--base-url", server.url, "--endpoint", endpoint,
+        [sys.executable, "-m", "pdserve.cli", "bench", "--base-url", server.url, "--endpoint", endpoint,
          "--dataset", "random", "--num-prompts", "6", "--random-input-len", "24",
          "--random-output-len", "8", "--ignore-eos", "--request-rate", "20", "--seed", "1",
          "--tokenizer", str(smollm2_dir), "--slo", "ttft=60000,tpot=60000",
@@ -240,3 +241,16 @@ def test_pdserve_bench_against_the_server(server, smollm2_dir, tmp_path, endpoin
     assert summary["completed"] == 6 and summary["failed"] == 0
     assert all(r["output_len"] == 8 for r in result["requests"])
     assert summary["output_throughput"] > 0 and plot.stat().st_size > 1000
+
+
+def test_tokenizer_and_detokenizer_processes_never_load_torch(server, client):
+    client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)  # they have done work
+    stages = {}
+    for pid in server.child_pids():
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"pdserve.cli" in argv:
+            stages.setdefault(argv[argv.index(b"pdserve.cli") + 3].decode(), []).append(pid)
+    assert len(stages.get("tokenizer", [])) == 2 and len(stages.get("detokenizer", [])) == 2
+    for pid in stages["tokenizer"] + stages["detokenizer"]:
+        assert "libtorch" not in Path(f"/proc/{pid}/maps").read_text()
+    assert any("libtorch" in Path(f"/proc/{pid}/maps").read_text() for pid in stages["worker"])

@@ -107,7 +107,7 @@ def test_stages_run_alone_and_a_dead_worker_fails_its_requests(smollm2_dir, tmp_
     log = (tmp_path / "stages.log").open("w")
     try:
         for stage in ("scheduler", "worker", "tokenizer", "detokenizer", "gateway"):
-            procs[stage] = subprocess.Popen([sys.executable, "-m", "gateway.cli", stage], env=env,
+            procs[stage] = subprocess.Popen([sys.executable, "-m", "pdserve.cli", stage], env=env,
                                             stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         assert wait_until_ready(url, 120), (tmp_path / "stages.log").read_text()[-2000:]

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
-from gpu_worker.loading.model_source import bundled_gguf_path, resolve_model
+from protocol.model_files.model_source import bundled_gguf_path, resolve_model
 from tokenizer_svc.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow

@@ -51,7 +51,7 @@ def test_worker_answers_plans_in_order_and_survives_a_failed_step(smollm2_dir, t
     async def play_scheduler() -> list:
         ctx = zmq.asyncio.Context()
         sock = RouterSocket(ctx, endpoints.worker_router, Codec(FromWorker), Codec(ToWorker), bind=True)
-        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker"], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "worker"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             identity, hello = await _recv_skipping_heartbeats(sock)

@@ -15,7 +15,7 @@ from pathlib import Path
 import zmq
 import zmq.asyncio
 
-from gpu_worker.loading.model_source import resolve_model
+from protocol.model_files.model_source import resolve_model
 from protocol.codec import Codec
 from protocol.config import ModelSettings, StageSettings
 from protocol.endpoints import Endpoints

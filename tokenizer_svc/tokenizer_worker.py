@@ -17,8 +17,8 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from gpu_worker.loading.model_source import resolve_model
-from gpu_worker.model_config import ModelConfig
+from protocol.model_files.model_source import resolve_model
+from protocol.model_files.model_config import ModelConfig
 from protocol.codec import Codec
 from protocol.config import ModelSettings, StageSettings
 from protocol.endpoints import Endpoints

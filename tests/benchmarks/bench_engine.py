@@ -48,7 +48,7 @@ LABELS = {"pdserve": "pdserve generate", "hf_sequential": "transformers generate
 def run_pdserve(prompts_file: Path, args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     """Run `pdserve generate`, check every output has exactly max_tokens ids, return its stats."""
     exe = Path(sys.executable).with_name("pdserve")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "gateway.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pdserve.cli"]
     cmd += ["generate", "--prompts-file", str(prompts_file), "--max-tokens", str(args.max_tokens),
             "--temperature", "0", "--json", "--model", MODEL, "--dtype", args.dtype,
             "--device", args.device, *extra]
@@ -240,7 +240,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
     command = shlex.join([sys.executable, *sys.argv])
-    from gpu_worker.loading.model_source import default_cache_dir, resolve_model
+    from protocol.model_files.model_source import default_cache_dir, resolve_model
     from tokenizer_svc.tokenizer import Tokenizer
 
     hf_dir = resolve_model(MODEL, default_cache_dir())

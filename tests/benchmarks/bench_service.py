@@ -44,7 +44,7 @@ def run_offline(questions: list[str], max_tokens: int, extra: list[str], workdir
     f = workdir / "prompts.jsonl"
     f.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}], "ignore_eos": True,
                                      "min_tokens": max_tokens}) + "\n" for q in questions))
-    cmd = [sys.executable, "-m", "gateway.cli", "generate", "--prompts-file", str(f), "--max-tokens",
+    cmd = [sys.executable, "-m", "pdserve.cli", "generate", "--prompts-file", str(f), "--max-tokens",
            str(max_tokens), "--temperature", "0", "--json", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     stats = json.loads(proc.stderr.strip().splitlines()[-1])
@@ -94,7 +94,7 @@ async def _load(url: str, questions: list[str], max_tokens: int) -> dict:
 
 def run_service(questions: list[str], max_tokens: int, extra: list[str], workdir: Path) -> dict:
     port = free_port()
-    cmd = [sys.executable, "-m", "gateway.cli", "up", "--port", str(port), *extra]
+    cmd = [sys.executable, "-m", "pdserve.cli", "up", "--port", str(port), *extra]
     log = (workdir / "up.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script 
 
 from protocol.config import CacheSettings, ModelSettings, SchedulerSettings
 from protocol.sampling import SamplingParams
-from scheduler_svc.offline_engine import OfflineEngine, make_request
+from pdserve.offline_engine import OfflineEngine, make_request
 from tests.service_fixture import wait_until_ready
 from tokenizer_svc.tokenizer import Tokenizer
 
@@ -60,7 +60,7 @@ def main() -> int:
                                    "steps": eng.num_steps}
 
     port = 8123
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "up", "--model", args.model, "--load-format", "dummy",
+    proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "up", "--model", args.model, "--load-format", "dummy",
                              "--device", "cuda", "--port", str(port), "--num-kv-blocks", "4096"],
                             stdout=open(Path(args.out) / "up.log", "w"), stderr=subprocess.STDOUT)
     try:

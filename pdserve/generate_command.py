@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"pdserve generate: {exc}", file=sys.stderr)
         return 2
 
-    from scheduler_svc.offline_engine import OfflineEngine, make_request
+    from pdserve.offline_engine import OfflineEngine, make_request
     from tokenizer_svc.request_detokenizer import RequestDetokenizer
     from tokenizer_svc.tokenizer import Tokenizer
 

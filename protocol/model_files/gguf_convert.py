@@ -17,8 +17,7 @@ from typing import Any
 
 import gguf
 import numpy as np
-import torch
-from safetensors.torch import save_file
+from safetensors.numpy import save_file
 from tqdm import tqdm
 
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -155,11 +154,11 @@ def build_hf_config(reader: gguf.GGUFReader) -> dict[str, Any]:
     return config
 
 
-def dequantized_state_dict(reader: gguf.GGUFReader, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+def dequantized_state_dict(reader: gguf.GGUFReader, config: dict[str, Any]) -> dict[str, np.ndarray]:
     """float32 tensors under Hugging Face names, with Llama q/k rows back in HF order."""
     unpermute = config["model_type"] == "llama"
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, np.ndarray] = {}
     for tensor in tqdm(reader.tensors, desc="Dequantizing GGUF tensors", unit="tensor", file=sys.stderr):
         if tensor.name == "rope_freqs.weight":
             continue
@@ -167,7 +166,7 @@ def dequantized_state_dict(reader: gguf.GGUFReader, config: dict[str, Any]) -> d
         layer_stem = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else ""
         if unpermute and layer_stem in heads:
             weights = unpermute_qk(weights, heads[layer_stem])
-        tensors[hf_tensor_name(tensor.name)] = torch.from_numpy(np.array(weights, dtype=np.float32, order="C"))
+        tensors[hf_tensor_name(tensor.name)] = np.array(weights, dtype=np.float32, order="C")
     return tensors
 
 
@@ -229,3 +228,9 @@ def _move_into_place(tmp_dir: Path, out_dir: Path) -> None:
     os.replace(tmp_dir, out_dir)
     if old_dir is not None:
         shutil.rmtree(old_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":  # `python -m protocol.model_files.gguf_convert GGUF OUT_DIR` (model_source)
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m protocol.model_files.gguf_convert GGUF_FILE OUT_DIR")
+    convert_gguf_to_hf_dir(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 if TYPE_CHECKING:  # the real imports wait for run(): `pdserve --help` stays instant
     import httpx
 
-    from gateway.bench.client import RequestRecord
-    from gateway.bench.datasets import BenchRequest
-    from gateway.bench.runner import RunResult
+    from pdserve.bench.client import RequestRecord
+    from pdserve.bench.datasets import BenchRequest
+    from pdserve.bench.runner import RunResult
 
 DEFAULT_RESULTS_DIR = Path("bench-results")
 
@@ -65,7 +65,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def build_requests(args: argparse.Namespace) -> list[BenchRequest]:
-    from gateway.bench.datasets import random_requests, sharegpt_requests
+    from pdserve.bench.datasets import random_requests, sharegpt_requests
 
     tokenizer = None
     if args.tokenizer is not None:
@@ -110,8 +110,8 @@ async def resolve_model(client: httpx.AsyncClient, base_url: str) -> str:
 async def bench(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[str, RunResult]:
     import httpx
 
-    from gateway.bench.client import ENDPOINT_PATHS, build_payload, send_request
-    from gateway.bench.runner import poisson_arrival_times, run_schedule
+    from pdserve.bench.client import ENDPOINT_PATHS, build_payload, send_request
+    from pdserve.bench.runner import poisson_arrival_times, run_schedule
 
     base_url = args.base_url.rstrip("/")
     limits = httpx.Limits(max_connections=args.max_concurrency or len(requests),
@@ -144,8 +144,8 @@ def run_config(args: argparse.Namespace, model: str) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     import httpx
 
-    from gateway.bench import report
-    from gateway.bench.runner import poisson_arrival_times
+    from pdserve.bench import report
+    from pdserve.bench.runner import poisson_arrival_times
 
     try:
         slo = report.parse_slo(args.slo)

@@ -84,6 +84,10 @@ def _stage_main(stage: str, s: dict[str, Any], endpoints: Endpoints) -> Callable
 
         return lambda: serve_gateway(s["ModelSettings"], s["GatewaySettings"], s["LaunchSettings"],
                                      s["StageSettings"], endpoints)
+    if stage in ("tokenizer", "detokenizer"):
+        from tokenizer_svc.torch_free import hide_torch_from_transformers
+
+        hide_torch_from_transformers()
     if stage == "tokenizer":
         from tokenizer_svc.tokenizer_worker import serve_tokenizer
 

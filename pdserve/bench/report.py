@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.bench.client import RequestRecord
+from pdserve.bench.client import RequestRecord
 
 PERCENTILES = (50, 90, 99)
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2e")

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     status = 0
     try:
         for stage, stage_id, extra in plan:
-            cmd = [sys.executable, "-m", "gateway.cli", "--log-level", args.log_level, stage]
+            cmd = [sys.executable, "-m", "pdserve.cli", "--log-level", args.log_level, stage]
             child_env_vars = {**env, env_name("stage_id"): stage_id, **extra}
             proc = subprocess.Popen(cmd, env=child_env_vars, preexec_fn=_die_with_parent)
             children.append(Child(stage_id, proc))
