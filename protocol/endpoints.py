@@ -77,6 +77,22 @@ class Endpoints(msgspec.Struct, frozen=True, kw_only=True):
             directory.mkdir(parents=True, exist_ok=True)
         return cls.ipc(directory)
 
+    def kv_peer_address(self, worker_id: str, kv_host: str | None = None) -> str:
+        """Where a worker serves its KV blocks to other workers (it binds, peers connect).
+
+        ipc: `kv-{worker_id}.sock` beside the other sockets. tcp: `tcp://{host}:*`, a port the
+        worker picks when it binds (its WorkerHello then carries the real address); the host is
+        `kv_host`, or the stack's tcp host when none is given.
+        """
+        scheduler = self.worker_router
+        if scheduler.startswith(_IPC):
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in worker_id)
+            path = Path(scheduler[len(_IPC):]).parent / f"kv-{safe}.sock"
+            check_ipc_path("kv_peer", path)
+            return f"{_IPC}{path}"
+        host = kv_host or scheduler[len("tcp://"):].rsplit(":", 1)[0]
+        return f"tcp://{host}:*"
+
     def items(self) -> list[tuple[str, str]]:
         """(field name, address) pairs in field order."""
         return [(name, getattr(self, name)) for name in field_names()]

@@ -11,8 +11,10 @@ Sockets and their unions:
   gateway/tokenizer -> scheduler           : SchedulerInbound    (AddRequest | AbortRequests)
   scheduler -> detokenizer                 : DetokenizerInbound  (DetokRequest | EngineOutputs)
   detokenizer -> scheduler                 : DetokenizerOutbound (StageHeartbeat | AbortRequests)
-  scheduler -> worker                      : ToWorker            (StepPlan | Shutdown)
-  worker -> scheduler                      : FromWorker          (WorkerHello | StepResult | Heartbeat | WorkerError)
+  scheduler -> worker                      : ToWorker            (StepPlan | Shutdown | WorkerAccepted | WorkerRefused | WorkerUnknown | KVPull | KVCancel)
+  worker -> scheduler                      : FromWorker          (WorkerHello | StepResult | Heartbeat | WorkerError | KVPullDone | WorkerDraining)
+  worker -> worker (KV peer, dst asks src)  : KVPeerRequest       (KVFetch | KVIpcHandleRequest)
+  worker -> worker (KV peer, src answers)   : KVPeerReply         (KVChunk | KVIpcHandle)
   tokenizer/detokenizer/scheduler -> gateway : GatewayInbound    (TextOutputs | RequestFailed | SchedulerStats | StageHeartbeat)
 """
 
@@ -159,6 +161,43 @@ class Shutdown(_Msg, tag="shutdown"):
     reason: str = ""
 
 
+class KVPull(_Msg, tag="kv_pull"):
+    """To a destination worker: copy these blocks of a source worker into these blocks of yours.
+
+    The scheduler holds both sides' blocks for the transfer's whole life, so neither is reused
+    while it runs; the destination answers with one KVPullDone, or drops it on KVCancel.
+    """
+
+    transfer_id: int
+    request_id: str
+    src_worker_id: str
+    src_address: str  # the source's KV peer socket (WorkerHello.kv_address)
+    src_block_ids: list[int]
+    dst_block_ids: list[int]  # same length, pairwise
+    transport: str  # "zmq" | "cuda-ipc"
+    timeout: float  # seconds before the destination gives up and reports failure
+
+
+class KVCancel(_Msg, tag="kv_cancel"):
+    """Stop a transfer and never write its blocks again (the scheduler freed them)."""
+
+    transfer_id: int
+
+
+class WorkerRefused(_Msg, tag="refused"):
+    """The worker does not fit the stack (another model, KV layout or context): it must exit."""
+
+    worker_id: str
+    reason: str
+
+
+class WorkerUnknown(_Msg, tag="unknown"):
+    """The scheduler has no record of this worker (it restarted, or declared it dead): register
+    again with a fresh WorkerHello, after dropping every sequence."""
+
+    worker_id: str
+
+
 class WorkerAccepted(_Msg, tag="accepted"):
     """The scheduler's answer to WorkerHello: the worker is registered and will get steps."""
 
@@ -166,7 +205,17 @@ class WorkerAccepted(_Msg, tag="accepted"):
     scheduler_pid: int
 
 
-ToWorker = StepPlan | Shutdown | WorkerAccepted
+ToWorker = StepPlan | Shutdown | WorkerAccepted | WorkerRefused | WorkerUnknown | KVPull | KVCancel
+
+
+class KVLayout(_Part):
+    """What must agree between workers that exchange KV blocks, checked at registration."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # torch dtype name, e.g. "float32", "bfloat16"
+    block_size: int
 
 
 class WorkerHello(_Msg, tag="hello"):
@@ -182,6 +231,10 @@ class WorkerHello(_Msg, tag="hello"):
     block_size: int
     max_model_len: int
     vocab_size: int
+    kv_layout: KVLayout | None = None
+    kv_address: str = ""  # where this worker serves its KV blocks to peers (KVFetch)
+    transports: list[str] = []  # KV transports it can pull with: "zmq", "cuda-ipc"
+    node_id: str = ""  # host identity for same-host transports (boot id + hostname)
 
 
 class StepResult(_Msg, tag="result"):
@@ -208,7 +261,69 @@ class WorkerError(_Msg, tag="error"):
     message: str
 
 
-FromWorker = WorkerHello | StepResult | Heartbeat | WorkerError
+class KVPullDone(_Msg, tag="kv_done"):
+    """A destination worker finished (ok) or gave up on (not ok) a KVPull."""
+
+    worker_id: str
+    transfer_id: int
+    ok: bool
+    num_bytes: int = 0
+    seconds: float = 0.0
+    transport: str = ""
+    error: str = ""
+
+
+class WorkerDraining(_Msg, tag="draining"):
+    """The worker got SIGTERM: no new requests; it exits when the scheduler sends Shutdown."""
+
+    worker_id: str
+
+
+FromWorker = WorkerHello | StepResult | Heartbeat | WorkerError | KVPullDone | WorkerDraining
+
+
+# ---------------------------------------------------------------- worker <-> worker (KV peers)
+
+
+class KVFetch(_Msg, tag="kv_fetch"):
+    """Destination to source: send the KV of these blocks (one chunk of a transfer)."""
+
+    transfer_id: int
+    chunk: int
+    block_ids: list[int]
+
+
+class KVChunk(_Msg, tag="kv_chunk"):
+    """Source to destination: the blocks of one KVFetch, [layers, 2, n, block_size, kv_heads,
+    head_dim] in the cache's dtype (bfloat16 travels as its raw 16-bit pattern); on failure an
+    empty array and the reason."""
+
+    transfer_id: int
+    chunk: int
+    data: np.ndarray
+    error: str = ""
+
+
+class KVIpcHandleRequest(_Msg, tag="kv_ipc_req"):
+    """Destination to source: the CUDA IPC handle of your KV cache, to copy on the device."""
+
+    node_id: str
+
+
+class KVIpcHandle(_Msg, tag="kv_ipc"):
+    """Source to destination: what opening the source's cache storage in another process needs."""
+
+    handle: bytes = b""
+    fields: list[int] = []  # the integer parts of torch's CUDA storage share tuple, in order
+    ref_counter_handle: bytes = b""
+    event_handle: bytes = b""
+    shape: list[int] = []
+    dtype: str = ""
+    error: str = ""
+
+
+KVPeerRequest = KVFetch | KVIpcHandleRequest
+KVPeerReply = KVChunk | KVIpcHandle
 
 # ---------------------------------------------------------------- gateway -> tokenizer
 
@@ -327,13 +442,41 @@ class WorkerInfo(_Part):
     pid: int
     host: str
     device: str
-    state: str  # "ready" | "dead"
+    state: str  # "ready" | "draining" | "dead"
     num_blocks_total: int
     num_blocks_used: int
     num_running: int
     num_waiting: int
     num_steps: int = 0  # steps completed since the worker joined
     busy_seconds: float = 0.0  # their summed execute time (utilization = its rate of growth)
+    transfers_in: int = 0  # KV transfers into this worker in flight
+    transfers_out: int = 0  # KV transfers out of it in flight
+    transfers_done: int = 0  # completed transfers into it since it joined
+    transfer_bytes: int = 0  # their bytes
+    transports: list[str] = []
+
+
+class TransferRecord(_Part):
+    """One finished KV transfer, reported once in the next SchedulerStats (for histograms)."""
+
+    transport: str
+    num_bytes: int
+    seconds: float
+    ok: bool
+
+
+class RequestPhases(_Part):
+    """Where one finished request spent its time, reported once (for histograms).
+
+    queue: arrival to first scheduled; prefill: first scheduled to first token; transfer: KV
+    transfers (0 without disaggregation); decode: first token to finish, transfers excluded.
+    """
+
+    queue_seconds: float
+    prefill_seconds: float
+    transfer_seconds: float
+    decode_seconds: float
+    disaggregated: bool = False
 
 
 class SchedulerStats(_Msg, tag="stats"):
@@ -348,6 +491,10 @@ class SchedulerStats(_Msg, tag="stats"):
     prefix_cache_queries: int  # cumulative prompt tokens looked up
     prefix_cache_hits: int  # cumulative prompt tokens found
     workers: list[WorkerInfo] = []
+    transfers: list[TransferRecord] = []  # finished since the previous stats
+    phases: list[RequestPhases] = []  # requests finished since the previous stats
+    num_migrations: int = 0  # cumulative: requests moved off a dead or draining worker
+    num_preemptions: int = 0  # cumulative
 
 
 GatewayInbound = TextOutputs | RequestFailed | SchedulerStats | StageHeartbeat
@@ -366,8 +513,18 @@ ALL_MESSAGE_TYPES: tuple[type, ...] = (
     StepPlan,
     Shutdown,
     WorkerAccepted,
+    WorkerRefused,
+    WorkerUnknown,
+    KVPull,
+    KVCancel,
     WorkerHello,
     StepResult,
     Heartbeat,
     WorkerError,
+    KVPullDone,
+    WorkerDraining,
+    KVFetch,
+    KVChunk,
+    KVIpcHandleRequest,
+    KVIpcHandle,
 )
