@@ -1,0 +1,306 @@
+"""The destination side of a KV pull: fetch a source's blocks and write them into this cache.
+
+The destination drives every transfer (pull model). `pull()` turns one KVPull into exactly one
+KVPullDone and never raises for anything a peer or the order did wrong. Over zmq it keeps a few
+chunk fetches outstanding, so the source gathers the next chunk while this side writes the last
+one; over cuda-ipc it maps the source's cache once per source and copies on the device. Writes run
+on a worker thread (torch releases the GIL) behind the transfer's WriteGate, which is what lets
+`cancel()` promise that no write of that transfer happens after it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import zmq
+import zmq.asyncio
+
+from gpu_worker.kv_transfer.cuda_ipc import CudaIpcError, SharedCache, open_shared
+from gpu_worker.kv_transfer.source_link import SourceError, SourceLink
+from gpu_worker.kv_transfer.wire import (
+    KVLayoutMismatch,
+    block_bytes,
+    blocks_per_chunk,
+    check_layout,
+    from_wire,
+    parse_dtype,
+)
+from gpu_worker.kv_transfer.write_gate import WriteGate
+from protocol.messages import KVFetch, KVPull, KVPullDone
+
+log = logging.getLogger("pdserve.kv_transfer")
+
+ZMQ = "zmq"
+CUDA_IPC = "cuda-ipc"
+DEFAULT_CHUNK_BYTES = 4 << 20
+DEFAULT_IPC_CHUNK_BYTES = 64 << 20  # bounds the device scratch of one gather on a nearly full GPU
+DEFAULT_MAX_INFLIGHT = 4
+
+
+class _Cancelled(Exception):
+    """The transfer's gate was shut while it ran."""
+
+
+@dataclass
+class _Transfer:
+    gate: WriteGate = field(default_factory=WriteGate)
+    task: asyncio.Task | None = None
+    cancelled: bool = False
+
+
+class KVPuller:
+    """Pulls blocks into `kv_cache` ([layers, 2, blocks, block_size, kv_heads, head_dim]).
+
+    `chunk_bytes`: the size of one zmq fetch (whole blocks, at least one); `max_inflight`: zmq
+    fetches outstanding per transfer; `ipc_chunk_bytes`: the size of one device-to-device copy;
+    `node_id`: this host, sent with cuda-ipc handle requests. Use from one event loop.
+    """
+
+    def __init__(
+        self, kv_cache: torch.Tensor, *, ctx: zmq.asyncio.Context | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        ipc_chunk_bytes: int = DEFAULT_IPC_CHUNK_BYTES, node_id: str = "",
+    ) -> None:
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight must be at least 1, got {max_inflight}")
+        self.kv_cache = kv_cache
+        self.chunk_bytes = chunk_bytes
+        self.max_inflight = max_inflight
+        self.ipc_chunk_bytes = ipc_chunk_bytes
+        self.node_id = node_id
+        self._own_ctx = ctx is None
+        self._ctx = ctx if ctx is not None else zmq.asyncio.Context()
+        self._links: dict[str, SourceLink] = {}
+        self._ipc_sources: dict[str, torch.Tensor] = {}
+        self._ipc_open_lock = asyncio.Lock()
+        self._transfers: dict[int, _Transfer] = {}
+        # One thread: writes of one worker are serial anyway, and each torch thread costs its
+        # own OpenMP team on CPU.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="kv-pull")
+        self._stream = torch.cuda.Stream(kv_cache.device) if kv_cache.is_cuda else None
+
+    @property
+    def transports(self) -> list[str]:
+        """What this destination can pull with (WorkerHello.transports)."""
+        return [ZMQ, CUDA_IPC] if self.kv_cache.is_cuda else [ZMQ]
+
+    async def pull(self, order: KVPull, worker_id: str) -> KVPullDone:
+        """Run one transfer to its end: ok with bytes and seconds, or not ok with the reason.
+
+        Never raises (except when the awaiting task itself is cancelled). After it returns, and
+        also when it is cancelled, no write of this transfer happens any more. A transfer stopped
+        by `cancel()` returns not ok with error "cancelled"; the caller drops that answer (the
+        scheduler already forgot the transfer).
+        """
+        start = time.perf_counter()
+
+        def failed(error: str) -> KVPullDone:
+            return KVPullDone(worker_id, order.transfer_id, False, seconds=time.perf_counter() - start,
+                              transport=order.transport, error=error)
+
+        if order.transfer_id in self._transfers:
+            return failed(f"transfer {order.transfer_id} is already running here")
+        problem = self._check_order(order)
+        if problem:
+            return failed(problem)
+        state = _Transfer()
+        self._transfers[order.transfer_id] = state
+        run = self._pull_zmq if order.transport == ZMQ else self._pull_ipc
+        state.task = asyncio.create_task(run(order, state.gate))
+        try:
+            async with asyncio.timeout(order.timeout):
+                num_bytes = await state.task
+        except TimeoutError:
+            self._drop_idle_link(order.src_address)
+            return failed(f"timed out after {order.timeout:g} s pulling {len(order.src_block_ids)} "
+                          f"blocks from {order.src_worker_id} at {order.src_address}")
+        except _Cancelled:  # the gate shut between two chunks
+            return failed("cancelled")
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if state.cancelled and not (current is not None and current.cancelling()):
+                return failed("cancelled")  # cancel() stopped the transfer, not our caller
+            raise
+        except (SourceError, KVLayoutMismatch, CudaIpcError) as exc:
+            return failed(str(exc))
+        except Exception as exc:
+            log.exception("KV transfer %d failed", order.transfer_id)
+            return failed(f"{type(exc).__name__}: {exc}")
+        finally:
+            if state.task is not None and not state.task.done():
+                state.task.cancel()
+            state.gate.close()  # waits for a write in progress: none follows
+            self._transfers.pop(order.transfer_id, None)
+        return KVPullDone(worker_id, order.transfer_id, True, num_bytes=num_bytes,
+                          seconds=time.perf_counter() - start, transport=order.transport)
+
+    def cancel(self, transfer_id: int) -> bool:
+        """Stop a transfer. When this returns, none of its blocks is written again (a write in
+        progress is waited for: at most one chunk). False if no such transfer runs here."""
+        state = self._transfers.get(transfer_id)
+        if state is None:
+            return False
+        state.cancelled = True
+        state.gate.close()
+        if state.task is not None:
+            state.task.cancel()
+        return True
+
+    def forget_source(self, address: str) -> None:
+        """Drop the connection and the mapped cuda-ipc cache of a source that is gone, so a new
+        worker at the same address is opened afresh."""
+        link = self._links.pop(address, None)
+        if link is not None:
+            link.close()
+        self._ipc_sources.pop(address, None)
+
+    def close(self) -> None:
+        """Cancel every transfer, close every source link (and an own zmq context)."""
+        for transfer_id in list(self._transfers):
+            self.cancel(transfer_id)
+        for address in list(self._links):
+            self.forget_source(address)
+        self._ipc_sources.clear()
+        if self._own_ctx:
+            self._ctx.term()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_order(self, order: KVPull) -> str:
+        if order.transport not in self.transports:
+            if order.transport == CUDA_IPC:
+                return f"cuda-ipc needs a CUDA cache; this worker's cache is on {self.kv_cache.device}"
+            return f"unknown KV transport {order.transport!r} (this worker has {self.transports})"
+        if len(order.src_block_ids) != len(order.dst_block_ids):
+            return (f"{len(order.src_block_ids)} source blocks but {len(order.dst_block_ids)} "
+                    "destination blocks")
+        if not order.timeout > 0:
+            return f"timeout must be positive, got {order.timeout}"
+        num_blocks = self.kv_cache.shape[2]
+        bad = [b for b in order.dst_block_ids if not 0 <= b < num_blocks]
+        if bad:
+            return f"destination block ids out of range [0, {num_blocks}): {bad[:8]}"
+        if len(set(order.dst_block_ids)) != len(order.dst_block_ids):
+            return "destination block ids repeat"
+        return ""
+
+    # ------------------------------------------------------------------ zmq
+
+    async def _pull_zmq(self, order: KVPull, gate: WriteGate) -> int:
+        link = self._link(order.src_address)
+        replies = link.open_route(order.transfer_id)
+        per = blocks_per_chunk(self.kv_cache, self.chunk_bytes)
+        src, dst = order.src_block_ids, order.dst_block_ids
+        chunks = [(src[i:i + per], dst[i:i + per]) for i in range(0, len(src), per)]
+        loop = asyncio.get_running_loop()
+        outstanding: set[int] = set()
+        sent = done = num_bytes = 0
+        try:
+            while sent < min(self.max_inflight, len(chunks)):
+                await link.send(KVFetch(order.transfer_id, sent, chunks[sent][0]))
+                outstanding.add(sent)
+                sent += 1
+            while done < len(chunks):
+                reply = await replies.get()
+                if reply.chunk not in outstanding:
+                    continue  # a duplicate or a chunk never asked for
+                outstanding.discard(reply.chunk)
+                where = f"chunk {reply.chunk} from {order.src_worker_id} at {order.src_address}"
+                if reply.error:
+                    raise SourceError(f"source error on {where}: {reply.error}")
+                if sent < len(chunks):  # keep the source busy while this chunk is written
+                    await link.send(KVFetch(order.transfer_id, sent, chunks[sent][0]))
+                    outstanding.add(sent)
+                    sent += 1
+                dst_ids = chunks[reply.chunk][1]
+                try:
+                    data = from_wire(reply.data, self.kv_cache, len(dst_ids))
+                except KVLayoutMismatch as exc:
+                    raise KVLayoutMismatch(f"{where}: {exc}") from None
+                if not await loop.run_in_executor(self._executor, gate.run,
+                                                  partial(self._write, dst_ids, data)):
+                    raise _Cancelled()
+                num_bytes += reply.data.nbytes
+                done += 1
+        finally:
+            link.close_route(order.transfer_id)
+        return num_bytes
+
+    def _write(self, dst_ids: list[int], data: torch.Tensor) -> None:
+        """kv_cache[:, :, dst_ids] = data, complete on return (runs on the pull thread)."""
+        index = torch.tensor(dst_ids, dtype=torch.long)
+        if self._stream is None:
+            self.kv_cache.index_copy_(2, index, data)
+            return
+        device = self.kv_cache.device
+        with torch.cuda.stream(self._stream):
+            self.kv_cache.index_copy_(2, index.to(device), data.to(device))
+        self._stream.synchronize()
+
+    def _link(self, address: str) -> SourceLink:
+        link = self._links.get(address)
+        if link is None:
+            link = self._links[address] = SourceLink(self._ctx, address)
+        return link
+
+    def _drop_idle_link(self, address: str) -> None:
+        """After a timeout: a link nothing else uses is closed, so fetches queued for a source
+        that never answered do not reach it if it comes back."""
+        link = self._links.get(address)
+        if link is not None and link.idle:
+            del self._links[address]
+            link.close()
+
+    # ------------------------------------------------------------------ cuda-ipc
+
+    async def _pull_ipc(self, order: KVPull, gate: WriteGate) -> int:
+        source = await self._ipc_source(order)
+        num_src = source.shape[2]
+        bad = [b for b in order.src_block_ids if not 0 <= b < num_src]
+        if bad:
+            raise SourceError(f"source block ids out of range [0, {num_src}) at "
+                              f"{order.src_worker_id}: {bad[:8]}")
+        per = blocks_per_chunk(self.kv_cache, self.ipc_chunk_bytes)
+        src, dst = order.src_block_ids, order.dst_block_ids
+        loop = asyncio.get_running_loop()
+        for i in range(0, len(src), per):
+            copy = partial(self._copy_device, source, src[i:i + per], dst[i:i + per])
+            if not await loop.run_in_executor(self._executor, gate.run, copy):
+                raise _Cancelled()
+        return len(src) * block_bytes(self.kv_cache)
+
+    def _copy_device(self, source: torch.Tensor, src_ids: list[int], dst_ids: list[int]) -> None:
+        device = self.kv_cache.device
+        assert self._stream is not None
+        with torch.cuda.stream(self._stream):
+            s = torch.tensor(src_ids, dtype=torch.long).to(device)
+            d = torch.tensor(dst_ids, dtype=torch.long).to(device)
+            self.kv_cache.index_copy_(2, d, source.index_select(2, s))
+        self._stream.synchronize()
+
+    async def _ipc_source(self, order: KVPull) -> torch.Tensor:
+        """The source's cache mapped here, opened once per source address."""
+        async with self._ipc_open_lock:
+            source = self._ipc_sources.get(order.src_address)
+            if source is not None:
+                return source
+            reply = await self._link(order.src_address).ipc_handle(self.node_id)
+            if reply.error:
+                raise SourceError(f"source {order.src_worker_id} at {order.src_address}: {reply.error}")
+            try:
+                check_layout(reply.shape, reply.dtype, self.kv_cache)
+            except KVLayoutMismatch as exc:
+                raise KVLayoutMismatch(f"cuda-ipc from {order.src_worker_id}: {exc}") from None
+            shared = SharedCache(reply.handle, list(reply.fields), reply.ref_counter_handle,
+                                 reply.event_handle, list(reply.shape), parse_dtype(reply.dtype))
+            loop = asyncio.get_running_loop()
+            source = await loop.run_in_executor(self._executor, open_shared, shared, self.kv_cache.device)
+            self._ipc_sources[order.src_address] = source
+            return source
