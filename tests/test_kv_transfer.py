@@ -86,7 +86,7 @@ async def with_peers(src: torch.Tensor, dst: torch.Tensor, address: str,
 
 
 class CountingServer(KVPeerServer):
-    """Counts gathers; sleeps `delay` seconds in each (a slow source)."""
+    """Counts gathers; sleeps `delay` seconds in each (a slow source: see `slow_server`)."""
 
     delay = 0.0
 
@@ -98,6 +98,10 @@ class CountingServer(KVPeerServer):
         time.sleep(self.delay)
         self.gathers += 1
         return super()._gather(block_ids)
+
+
+def slow_server(delay: float) -> type[CountingServer]:
+    return type("SlowServer", (CountingServer,), {"delay": delay})
 
 
 # ---------------------------------------------------------------------------- happy paths
@@ -305,7 +309,6 @@ def test_cancel_mid_transfer_stops_every_later_write(address: str) -> None:
     src, dst = make_cache(64, seed=11), make_cache(64, seed=12)
     before = dst.clone()
     src_ids, dst_ids = shuffled_pairs(64, 64, 40, seed=13)
-    CountingServer.delay = 0.05
 
     async def body(server: CountingServer, puller: KVPuller) -> None:
         pulling = asyncio.create_task(puller.pull(order(9, server.address, src_ids, dst_ids), "dst"))
@@ -325,10 +328,7 @@ def test_cancel_mid_transfer_stops_every_later_write(address: str) -> None:
         written = [d for d in dst_ids if not torch.equal(dst[:, :, d], before[:, :, d])]
         assert 0 < len(written) < len(dst_ids)
 
-    try:
-        asyncio.run(with_peers(src, dst, address, body, CountingServer, chunk_bytes=block_bytes(src)))
-    finally:
-        CountingServer.delay = 0.0
+    asyncio.run(with_peers(src, dst, address, body, slow_server(0.05), chunk_bytes=block_bytes(src)))
 
 
 def test_cancel_of_an_unknown_transfer_is_false() -> None:
@@ -362,3 +362,45 @@ def test_write_gate_close_waits_for_the_write_in_progress() -> None:
     assert log == ["write", "closed"]
     assert gate.run(lambda: log.append("late")) is False
     assert log == ["write", "closed"] and not gate.is_open
+
+
+def test_cancelling_the_awaiting_task_also_stops_the_writes(tmp_path: Path) -> None:
+    """A worker shutting down cancels its pulls' tasks: that propagates, and writes stop too."""
+    src, dst = make_cache(32, seed=14), make_cache(32, seed=15)
+    before = dst.clone()
+
+    async def body(server: CountingServer, puller: KVPuller) -> None:
+        pulling = asyncio.create_task(puller.pull(order(4, server.address, list(range(20)),
+                                                        list(range(20))), "dst"))
+        deadline = time.perf_counter() + TIMEOUT_S
+        while torch.equal(dst, before):
+            assert time.perf_counter() < deadline and not pulling.done()
+            await asyncio.sleep(0.005)
+        pulling.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pulling
+        frozen = dst.clone()
+        await asyncio.sleep(0.3)
+        assert torch.equal(dst, frozen)
+        assert not torch.equal(dst[:, :, 19], src[:, :, 19])  # it really stopped midway
+        assert not puller.cancel(4)  # forgotten
+
+    asyncio.run(with_peers(src, dst, addresses(tmp_path)["ipc"], body, slow_server(0.05),
+                           chunk_bytes=block_bytes(src)))
+
+
+def test_a_transfer_id_already_running_is_refused(tmp_path: Path) -> None:
+    src, dst = make_cache(16), make_cache(16, seed=1)
+
+    async def body(server: CountingServer, puller: KVPuller) -> None:
+        first = asyncio.create_task(puller.pull(order(8, server.address, [0, 1, 2], [0, 1, 2]), "dst"))
+        await asyncio.sleep(0.01)
+        second = await puller.pull(order(8, server.address, [3], [3]), "dst")
+        assert not second.ok and "already running" in second.error
+        done = await asyncio.wait_for(first, TIMEOUT_S)
+        assert done.ok, done.error
+
+    asyncio.run(with_peers(src, dst, addresses(tmp_path)["ipc"], body, slow_server(0.05),
+                           chunk_bytes=block_bytes(src)))
+    assert torch.equal(dst[:, :, [0, 1, 2]], src[:, :, [0, 1, 2]])
+    assert not torch.equal(dst[:, :, 3], src[:, :, 3])
