@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -435,3 +438,13 @@ def test_references_follow_the_project() -> None:
         c, s = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
         assert torch.equal(rq, apply_rotary(q, c, s)) and torch.equal(rk, apply_rotary(k, c, s))
     assert math.isclose(float(cos[0, 0]), 1.0)
+
+
+def test_the_package_imports_no_service_code() -> None:
+    """The device check script imports the kernels on a bare CUDA image (torch, triton, numpy):
+    importing them must not pull in the protocol, sockets or msgspec."""
+    code = ("import sys; import gpu_worker.triton_kernels, gpu_worker.triton_kernels.reference; "
+            "print(sorted({'protocol', 'zmq', 'msgspec', 'gpu_worker.attention'} & set(sys.modules)))")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[]"

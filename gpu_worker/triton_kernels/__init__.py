@@ -15,7 +15,7 @@ from gpu_worker.triton_kernels.activation import silu_and_mul
 from gpu_worker.triton_kernels.decode_attention import choose_num_splits, paged_decode_attention
 from gpu_worker.triton_kernels.kv_write import write_kv_cache
 from gpu_worker.triton_kernels.prefill_attention import paged_prefill_attention
-from gpu_worker.triton_kernels.rms_norm import fused_add_rms_norm, rms_norm
+from gpu_worker.triton_kernels.norm import fused_add_rms_norm, rms_norm
 from gpu_worker.triton_kernels.rotary import rotary_embedding_
 
 __all__ = [

@@ -28,9 +28,6 @@ import triton.language as tl
 
 from gpu_worker.triton_kernels._util import dot_precision, pow2, require_unit_last_stride
 
-_NEG_INIT = -1.0e30  # running-max start: finite, so an empty split never computes inf - inf
-
-
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr,
@@ -70,7 +67,8 @@ def _decode_split_kernel(
         mask=g_ok[:, None] & d_ok[None, :], other=0.0,
     )
 
-    m_i = tl.full([GROUP_PAD], _NEG_INIT, tl.float32)
+    # The running max starts finite, so an empty split (or context 0) never computes inf - inf.
+    m_i = tl.full([GROUP_PAD], -1.0e30, tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
     offs = tl.arange(0, BLOCK_N)
