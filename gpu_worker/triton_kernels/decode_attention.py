@@ -146,18 +146,21 @@ def _decode_reduce_kernel(
 
 def choose_num_splits(
     num_seqs: int, num_kv_heads: int, max_context: int, num_sms: int,
-    min_tokens_per_split: int = 256, max_splits: int = 64,
+    min_tokens_per_split: int = 512, max_splits: int = 64,
 ) -> int:
     """Splits so that (seqs x kv heads x splits) fills the GPU about twice, a power of two.
 
     No split when the batch alone fills it; never so many that a split has fewer than
-    `min_tokens_per_split` keys (then the reduce and the per-split setup cost more than they win).
+    `min_tokens_per_split` keys: on an H200 (Llama-3.1-8B shapes, tests/benchmarks/gpu_kernels.py)
+    splitting a 512-key context made batch 1 and 16 slower (the second launch and the partials
+    cost more than the parallelism won), while 4 splits of 2048 keys at batch 16 were fastest.
     """
     programs = max(1, num_seqs * num_kv_heads)
     want = -(-2 * num_sms // programs)
     useful = max(1, max_context // min_tokens_per_split)
-    splits = min(want, useful, max_splits)
-    return 1 if splits <= 1 else 1 << (splits.bit_length() - 1)
+    want_pow2 = 1 << (want - 1).bit_length()  # round up: 3 -> 4
+    useful_pow2 = 1 << (useful.bit_length() - 1)  # round down: 5 -> 4
+    return max(1, min(want_pow2, useful_pow2, max_splits))
 
 
 def paged_decode_attention(
@@ -199,10 +202,10 @@ def paged_decode_attention(
         num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
         num_splits = choose_num_splits(num_seqs, num_kv_heads, block_tables.shape[1] * page, num_sms)
     dim_pad = pow2(head_dim, 16)
-    if num_splits > 1:
-        part_acc = torch.empty(num_seqs, num_q_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
-        part_m = torch.empty(num_seqs, num_q_heads, num_splits, device=q.device, dtype=torch.float32)
-        part_l = torch.empty_like(part_m)
+    if num_splits > 1:  # one allocation for the three partial arrays
+        rows = num_seqs * num_q_heads * num_splits
+        parts = torch.empty(rows * (head_dim + 2), device=q.device, dtype=torch.float32)
+        part_acc, part_m, part_l = parts[: rows * head_dim], parts[rows * head_dim : -rows], parts[-rows:]
     else:
         part_acc = part_m = part_l = out  # unused: SPLITS == 1 writes `out` directly
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](

@@ -15,7 +15,10 @@
    heads, head_dim 128, hidden 4096, intermediate 14336, bf16): decode attention at batch
    1/16/64/256 and context 512/2048, with the floor (KV bytes read / device-to-device copy
    bandwidth measured here), then prefill attention, KV write, RMSNorm+residual, rotary and
-   SiLU-and-mul; then small sweeps of the decode split count and tile shapes.
+   SiLU-and-mul; then small sweeps of the decode split count and the prefill tiles (and, with
+   --tile-sweep, the decode tiles). Decode and the small kernels are also timed as CUDA-graph
+   replays, which leaves out the host's launch cost that an eager call of a few microseconds
+   of device work is bound by.
 
 Imports only torch, triton, numpy and gpu_worker.triton_kernels, so it runs on a bare CUDA
 image. Exit status 1 when any check fails (after running everything and writing the JSON).
@@ -24,6 +27,7 @@ image. Exit status 1 when any check fails (after running everything and writing 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -36,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
+from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 from gpu_worker import triton_kernels as tk  # noqa: E402
 from gpu_worker.triton_kernels import reference as ref  # noqa: E402
@@ -157,10 +161,11 @@ def check_decode(rep: Report, trials: int) -> None:
 def check_decode_graph(rep: Report) -> None:
     """Capture one decode launch (fixed split count), replay it with other context lengths."""
     gen = torch.Generator(device=DEV).manual_seed(2)
-    lens = [700, 33, 1, 1500]
-    k, v, tables = paged_cache(gen, lens, 16, 8, 128, torch.bfloat16)
+    replays = ([700, 33, 1, 1500], [5, 600, 17, 1499], [0, 1, 16, 2])
+    longest = [max(r[s] for r in replays) for s in range(4)]  # the keys each sequence ever has
+    k, v, tables = paged_cache(gen, longest, 16, 8, 128, torch.bfloat16)
     q = torch.randn(4, 32, 128, generator=gen, device=DEV).bfloat16()
-    ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    ctx = torch.tensor(replays[0], dtype=torch.int32, device=DEV)
     out = nan_like(q)
     try:
         tk.paged_decode_attention(q, k, v, tables, ctx, 128**-0.5, num_splits=8, out=out)  # compile
@@ -168,7 +173,7 @@ def check_decode_graph(rep: Report) -> None:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             tk.paged_decode_attention(q, k, v, tables, ctx, 128**-0.5, num_splits=8, out=out)
-        for new in ([700, 33, 1, 1500], [5, 600, 17, 1499], [0, 1, 16, 2]):
+        for new in replays:
             ctx.copy_(torch.tensor(new, dtype=torch.int32))
             out.fill_(float("nan"))
             graph.replay()
@@ -289,6 +294,14 @@ def bench(fn) -> float:
     return float(do_bench(fn, warmup=10, rep=60, return_mode="median"))
 
 
+def graph_bench(fns) -> float:
+    """Median device milliseconds per call, host overhead excluded: many calls captured in one
+    CUDA graph and replayed, each call the next of `fns` (different memory, so the L2 cache does
+    not serve what one call read to the next when the sets together exceed it)."""
+    it = itertools.cycle(fns)
+    return float(do_bench_cudagraph(lambda: next(it)(), rep=20, return_mode="median"))
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second, over 2 GiB buffers."""
     src = torch.empty(2**30, dtype=torch.uint8, device=DEV).random_()
@@ -308,39 +321,53 @@ def timing(rep: Report, kernel: str, case: str, triton_ms: float, torch_ms: floa
           f"{'' if torch_ms is None else f'x{torch_ms / triton_ms:5.2f}'}  {more}", flush=True)
 
 
-def llama_cache(batch: int, context: int, page: int = 16, kv_heads: int = 8, dim: int = 128):
-    """One layer's bf16 K/V for `batch` sequences of `context` keys, blocks scattered at random."""
+def llama_cache(batch: int, context: int, page: int = 16, kv_heads: int = 8, dim: int = 128, sets: int = 1):
+    """One layer's bf16 K/V for `sets` x `batch` sequences of `context` keys, blocks scattered
+    at random; tables [batch, blocks] (sets == 1) or [sets, batch, blocks]."""
     per_seq = cdiv(context, page)
-    num_blocks = batch * per_seq + 1
+    num_blocks = sets * batch * per_seq + 1
     k = torch.randn(num_blocks, page, kv_heads, dim, device=DEV, dtype=torch.bfloat16)
     v = torch.randn_like(k)
     ids = (torch.randperm(num_blocks - 1, device=DEV) + 1).to(torch.int32)
-    return k, v, ids.view(batch, per_seq)
+    tables = ids.view(sets, batch, per_seq)
+    return k, v, tables[0] if sets == 1 else tables
 
 
 def time_decode(rep: Report, bw: float, batches, contexts) -> None:
+    """Eager (do_bench: L2 flushed, host launch cost included when the GPU waits for it) and
+    graph-replayed (device time only, rotating over enough KV sets to exceed the L2 cache)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for context in contexts:
         for batch in batches:
-            k, v, tables = llama_cache(batch, context)
+            kv_bytes = 2 * batch * context * 8 * 128 * 2
+            sets = max(2, min(128, cdiv(256 * 2**20, kv_bytes)))
+            k, v, table_sets = llama_cache(batch, context, sets=sets)
+            tables = table_sets[0]
             q = torch.randn(batch, 32, 128, device=DEV, dtype=torch.bfloat16)
             ctx = torch.full((batch,), context, dtype=torch.int32, device=DEV)
             out = torch.empty_like(q)
             splits = choose_num_splits(batch, 8, context, sms)
             t_tri = bench(lambda: tk.paged_decode_attention(q, k, v, tables, ctx, 128**-0.5, out=out))
             t_torch = bench(lambda: ref.gather_sdpa_decode(q, k, v, tables, None, 128**-0.5))
-            kv_bytes = 2 * batch * context * 8 * 128 * 2
+            g_tri = graph_bench([
+                (lambda t=t: tk.paged_decode_attention(q, k, v, t, ctx, 128**-0.5, num_splits=splits, out=out))
+                for t in table_sets])
+            g_torch = graph_bench([(lambda t=t: ref.gather_sdpa_decode(q, k, v, t, None, 128**-0.5))
+                                   for t in table_sets])
             floor_ms = kv_bytes / bw * 1e3
             timing(rep, "decode", f"batch={batch} ctx={context}", t_tri, t_torch, splits=splits,
-                   floor_ms=floor_ms, vs_floor=t_tri / floor_ms, kv_GBps=kv_bytes / (t_tri * 1e-3) / 1e9)
+                   graph_triton_ms=g_tri, graph_torch_ms=g_torch, floor_ms=floor_ms,
+                   graph_vs_floor=g_tri / floor_ms, graph_kv_GBps=kv_bytes / (g_tri * 1e-3) / 1e9)
             if batch in (1, 16, 64) or context == 2048:
                 for n in (1, 2, 4, 8, 16, 32):
                     if n * 64 > context:
                         break
-                    t = bench(lambda: tk.paged_decode_attention(q, k, v, tables, ctx, 128**-0.5, num_splits=n, out=out))
+                    t = graph_bench([
+                        (lambda t=t, n=n: tk.paged_decode_attention(q, k, v, t, ctx, 128**-0.5, num_splits=n, out=out))
+                        for t in table_sets])
                     rep.data["sweeps"].append({"kernel": "decode", "case": f"batch={batch} ctx={context}",
-                                               "num_splits": n, "ms": t})
-            del k, v, tables
+                                               "num_splits": n, "graph_ms": t})
+            del k, v, tables, table_sets
 
 
 def time_decode_tiles(rep: Report) -> None:
@@ -406,6 +433,11 @@ def time_prefill(rep: Report, sweep: bool) -> None:
         del k, v, tables
 
 
+def small_timing(rep: Report, kernel: str, case: str, triton_fn, torch_fn) -> None:
+    timing(rep, kernel, case, bench(triton_fn), bench(torch_fn),
+           graph_triton_ms=graph_bench([triton_fn]), graph_torch_ms=graph_bench([torch_fn]))
+
+
 def time_small(rep: Report) -> None:
     bf = torch.bfloat16
     for tokens in SMALL_TOKENS:
@@ -422,36 +454,35 @@ def time_small(rep: Report) -> None:
             k_cache.view(-1, 8, 128).index_copy_(0, slots, key)
             v_cache.view(-1, 8, 128).index_copy_(0, slots, value)
 
-        timing(rep, "kv_write", f"tokens={tokens}",
-               bench(lambda: tk.write_kv_cache(key, value, k_cache, v_cache, slots)), bench(torch_write))
+        both = [lambda: tk.write_kv_cache(key, value, k_cache, v_cache, slots), torch_write]
+        small_timing(rep, "kv_write", f"tokens={tokens}", *both)
 
         x = torch.randn(tokens, 4096, device=DEV, dtype=bf)
         res = torch.randn_like(x)
         w = torch.randn(4096, device=DEV, dtype=bf)
-        timing(rep, "add_rms_norm", f"tokens={tokens} hidden=4096",
-               bench(lambda: tk.fused_add_rms_norm(x, res, w, 1e-5)),
-               bench(lambda: ref.fused_add_rms_norm(x, res, w, 1e-5)))
+        small_timing(rep, "add_rms_norm", f"tokens={tokens} hidden=4096",
+                     lambda: tk.fused_add_rms_norm(x, res, w, 1e-5), lambda: ref.fused_add_rms_norm(x, res, w, 1e-5))
 
         q = qkv[:, :4096].view(tokens, 32, 128)
         k = qkv[:, 4096:5120].view(tokens, 8, 128)
         pos = torch.randint(0, 8192, (tokens,), device=DEV)
         cos = torch.randn(8192, 128, device=DEV, dtype=bf)
         sin = torch.randn(8192, 128, device=DEV, dtype=bf)
-        timing(rep, "rotary", f"tokens={tokens} 32q+8kv heads",
-               bench(lambda: tk.rotary_embedding_(q, k, pos, cos, sin)),
-               bench(lambda: ref.rotary_embedding(q, k, pos, cos, sin)))
+        small_timing(rep, "rotary", f"tokens={tokens} 32q+8kv heads",
+                     lambda: tk.rotary_embedding_(q, k, pos, cos, sin), lambda: ref.rotary_embedding(q, k, pos, cos, sin))
 
         gu = torch.randn(tokens, 2 * 14336, device=DEV, dtype=bf)
-        timing(rep, "silu_and_mul", f"tokens={tokens} inter=14336",
-               bench(lambda: tk.silu_and_mul(gu)), bench(lambda: ref.silu_and_mul(gu)))
+        small_timing(rep, "silu_and_mul", f"tokens={tokens} inter=14336",
+                     lambda: tk.silu_and_mul(gu), lambda: ref.silu_and_mul(gu))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="JSON result file")
     parser.add_argument("--quick", action="store_true", help="fewer random cases, no sweeps")
+    parser.add_argument("--tile-sweep", action="store_true", help="also sweep the decode kernel's tiles and warps")
     parser.add_argument("--budget-s", type=float, default=330.0,
-                        help="skip the remaining optional sweeps once this many seconds have passed")
+                        help="skip the decode tile sweep once this many seconds have passed")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device")
@@ -479,7 +510,7 @@ def main() -> int:
     phase("time_decode", time_decode, rep, bw, (1, 16, 64, 256), (512, 2048))
     phase("time_prefill", time_prefill, rep, not args.quick)
     phase("time_small", time_small, rep)
-    if not args.quick and time.perf_counter() - start < args.budget_s:
+    if args.tile_sweep and time.perf_counter() - start < args.budget_s:
         phase("time_decode_tiles", time_decode_tiles, rep)
     rep.data["seconds"] = time.perf_counter() - start
     rep.save()
