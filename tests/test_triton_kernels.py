@@ -211,13 +211,15 @@ def test_decode_split_count_does_not_change_the_result() -> None:
 
 
 def test_choose_num_splits() -> None:
+    # the H200's fastest split counts at Llama-3.1-8B shapes (see choose_num_splits)
     assert choose_num_splits(256, 8, 2048, num_sms=132) == 1  # the batch fills the GPU
     assert choose_num_splits(64, 8, 2048, num_sms=132) == 1
     assert choose_num_splits(16, 8, 2048, num_sms=132) == 4  # 264 / 128 programs = 3 -> 4
-    assert choose_num_splits(1, 8, 2048, num_sms=132) == 4  # 2048 keys: 4 splits of 512
-    assert choose_num_splits(1, 8, 32768, num_sms=132) == 64  # 264 / 8 = 33 -> 64
-    assert choose_num_splits(16, 8, 512, num_sms=132) == 1  # 512 keys: too short to split
-    assert choose_num_splits(4, 2, 100, num_sms=132) == 1
+    assert choose_num_splits(1, 8, 2048, num_sms=132) == 32  # 264 / 8 = 33 -> 64, but 2048 / 64 keys
+    assert choose_num_splits(1, 8, 512, num_sms=132) == 8  # one 64-key tile per split
+    assert choose_num_splits(16, 8, 512, num_sms=132) == 4
+    assert choose_num_splits(1, 8, 32768, num_sms=132) == 64  # at most 64
+    assert choose_num_splits(4, 2, 100, num_sms=132) == 1  # shorter than two tiles: no split
     for args in [(1, 1, 10**6, 132), (3, 5, 5000, 80)]:
         n = choose_num_splits(*args)
         assert n & (n - 1) == 0 and 1 <= n <= 64

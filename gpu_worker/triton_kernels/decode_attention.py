@@ -146,14 +146,16 @@ def _decode_reduce_kernel(
 
 def choose_num_splits(
     num_seqs: int, num_kv_heads: int, max_context: int, num_sms: int,
-    min_tokens_per_split: int = 512, max_splits: int = 64,
+    min_tokens_per_split: int = 64, max_splits: int = 64,
 ) -> int:
     """Splits so that (seqs x kv heads x splits) fills the GPU about twice, a power of two.
 
-    No split when the batch alone fills it; never so many that a split has fewer than
-    `min_tokens_per_split` keys: on an H200 (Llama-3.1-8B shapes, tests/benchmarks/gpu_kernels.py)
-    splitting a 512-key context made batch 1 and 16 slower (the second launch and the partials
-    cost more than the parallelism won), while 4 splits of 2048 keys at batch 16 were fastest.
+    No split when the batch alone fills it, and no split shorter than one key tile. Tuned on
+    device time (CUDA-graph replays, as decode steps will run) on an H200 at Llama-3.1-8B shapes
+    (tests/benchmarks/gpu_kernels.py): batch 1 x 512 keys took 6.6 us in 8 splits against 17 us
+    in one; batch 1 x 2048, 9.6 us in 32 against 61 us; batch 16 x 2048, 40 us in 4 (8: 42,
+    1: 71); from batch 64 up one split was fastest. Called eagerly, the second launch costs the
+    host more than that (an eager batch-1 call is bound by launch overhead either way).
     """
     programs = max(1, num_seqs * num_kv_heads)
     want = -(-2 * num_sms // programs)
