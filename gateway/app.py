@@ -36,6 +36,7 @@ class GatewayApp:
         self.served_model = served_model
         self.model_root = model_root
         self.metrics = GatewayMetrics(served_model)
+        client.on_stats = self.metrics.observe_stats
         self.created = int(time.time())
         self._background: set[asyncio.Task] = set()
 
@@ -74,7 +75,9 @@ class GatewayApp:
              "device": w.device, "state": w.state, "blocks_total": w.num_blocks_total,
              "blocks_used": w.num_blocks_used, "running_requests": w.num_running,
              "waiting_requests": w.num_waiting, "steps": w.num_steps,
-             "busy_seconds": w.busy_seconds}
+             "busy_seconds": w.busy_seconds, "transfers_in": w.transfers_in,
+             "transfers_out": w.transfers_out, "transfers_done": w.transfers_done,
+             "transfer_bytes": w.transfer_bytes, "transports": w.transports}
             for w in stats.workers
         ]
         return JSONResponse(rows)

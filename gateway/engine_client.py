@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
@@ -62,6 +63,7 @@ class EngineClient:
         self.streams: dict[str, RequestStream] = {}
         self.stats: SchedulerStats | None = None
         self.stats_seen = 0.0
+        self.on_stats: Callable[[SchedulerStats], None] | None = None  # each stats message, once
         self.stages: dict[tuple[str, str], tuple[StageHeartbeat, float]] = {}
         self._ctx: zmq.asyncio.Context | None = None
         self._task: asyncio.Task | None = None
@@ -117,6 +119,8 @@ class EngineClient:
                     stream.queue.put_nowait(msg)
             elif isinstance(msg, SchedulerStats):
                 self.stats, self.stats_seen = msg, time.monotonic()
+                if self.on_stats is not None:
+                    self.on_stats(msg)
             elif isinstance(msg, StageHeartbeat):
                 self.stages[(msg.stage, msg.stage_id)] = (msg, time.monotonic())
 

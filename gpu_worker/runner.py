@@ -101,6 +101,10 @@ class ModelRunner:
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
+    def reset(self) -> None:
+        """Forget every sequence (the scheduler lost track of this worker and starts over)."""
+        self.seqs = SequenceTable(self.block_size)
+
     def execute(self, plan: StepPlan) -> StepResult:
         start = time.perf_counter()
         scheduled = self.seqs.apply(plan)

@@ -3,9 +3,12 @@
 Children are `pdserve <stage>` processes sharing one run directory (their ipc sockets) and the
 launcher's settings through PDSERVE_* variables. They run in their own session, so a terminal's
 Ctrl-C reaches only the launcher, which then stops them in order; on Linux each child also gets
-SIGTERM if the launcher itself dies (no orphans). If any child exits while serving, the launcher
-reports which one and how, and shuts the rest down (exit status 1): a half-running pipeline
-would only fail requests in confusing ways.
+SIGTERM if the launcher itself dies (no orphans). If the gateway, the scheduler, a tokenizer or a
+detokenizer exits while serving, the launcher reports which one and how, and shuts the rest down
+(exit status 1): a half-running pipeline would only fail requests in confusing ways. A model
+worker that exits is only reported while other workers remain (the scheduler moves its requests),
+and respawned with --restart-workers. Workers are stopped with SIGINT (at once); SIGTERM to one
+worker by hand drains it instead.
 """
 
 from __future__ import annotations
@@ -48,6 +51,19 @@ STOP_GRACE_SECONDS = 10.0
 class Child:
     name: str
     proc: subprocess.Popen
+    cmd: list[str]
+    env: dict[str, str]
+
+    @property
+    def is_worker(self) -> bool:
+        return self.cmd[-1] == "worker"
+
+
+def worker_plan(launch: LaunchSettings) -> list[tuple[str, str]]:
+    """(stage id, role) of each model worker `pdserve up` starts."""
+    return ([(f"prefill-{i}", "prefill") for i in range(launch.prefill_workers)]
+            + [(f"decode-{i}", "decode") for i in range(launch.decode_workers)]
+            + [(f"worker-{i}", "mixed") for i in range(launch.num_mixed_workers)])
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -93,10 +109,11 @@ def run(args: argparse.Namespace) -> int:
     own_run_dir = ep.run_dir is None and ep.tcp_host is None
     run_dir = Path(tempfile.mkdtemp(prefix="pdserve-")) if own_run_dir else Path(ep.run_dir or ".")
     env = child_env(list(s.values()), run_dir)
-    cpu_threads = max(1, (os.cpu_count() or 1) // launch.workers)
+    workers = worker_plan(launch)
+    cpu_threads = max(1, (os.cpu_count() or 1) // len(workers))
+    threads = {env_name("torch_threads"): str(cpu_threads)} if s["StageSettings"].torch_threads is None else {}
     plan = [("scheduler", "scheduler", {})]
-    plan += [("worker", f"worker-{i}", {env_name("torch_threads"): str(cpu_threads)}
-              if s["StageSettings"].torch_threads is None else {}) for i in range(launch.workers)]
+    plan += [("worker", stage_id, {env_name("role"): role, **threads}) for stage_id, role in workers]
     plan += [("tokenizer", f"tokenizer-{i}", {}) for i in range(launch.tokenizers)]
     plan += [("detokenizer", f"detokenizer-{i}", {}) for i in range(launch.detokenizers)]
     plan += [("gateway", "gateway", {})]
@@ -113,21 +130,34 @@ def run(args: argparse.Namespace) -> int:
     try:
         for stage, stage_id, extra in plan:
             cmd = [sys.executable, "-m", "pdserve.cli", "--log-level", args.log_level, stage]
-            child_env_vars = {**env, env_name("stage_id"): stage_id, **extra}
-            proc = subprocess.Popen(cmd, env=child_env_vars, preexec_fn=_die_with_parent)
-            children.append(Child(stage_id, proc))
+            children.append(_spawn(stage_id, cmd, {**env, env_name("stage_id"): stage_id, **extra}))
         url = f"http://{gw.host}:{gw.port}"
         if not _wait_ready(url, children, launch.ready_timeout, lambda: stopping):
             status = 1 if not stopping else 0
             return status
         print(f"pdserve is ready: {url}/v1 (model {s['ModelSettings'].model})", flush=True)
+        where = (f"--tcp-host {ep.tcp_host} --tcp-base-port {ep.tcp_base_port}" if ep.tcp_host
+                 else f"--run-dir {run_dir}")
+        print(f"pdserve: add a decode worker with `pdserve worker --role decode {where}`; "
+              "SIGTERM to a worker drains it", flush=True)
         while not stopping:
             dead = _first_exited(children)
             if dead is not None:
-                print(f"pdserve up: {dead.name} (pid {dead.proc.pid}) exited with status "
-                      f"{dead.proc.returncode}; shutting down", file=sys.stderr, flush=True)
-                status = 1
-                break
+                code = dead.proc.returncode
+                live_workers = [c for c in children if c.is_worker and c.proc.poll() is None]
+                if not dead.is_worker or (not live_workers and not launch.restart_workers):
+                    print(f"pdserve up: {dead.name} (pid {dead.proc.pid}) exited with status "
+                          f"{code}; shutting down", file=sys.stderr, flush=True)
+                    status = 1
+                    break
+                children.remove(dead)
+                if launch.restart_workers:
+                    print(f"pdserve up: worker {dead.name} exited with status {code}; restarting it",
+                          file=sys.stderr, flush=True)
+                    children.append(_spawn(dead.name, dead.cmd, dead.env))
+                else:
+                    print(f"pdserve up: worker {dead.name} exited with status {code}; "
+                          f"{len(live_workers)} worker(s) keep serving", file=sys.stderr, flush=True)
             time.sleep(0.2)
         return status
     finally:
@@ -135,8 +165,12 @@ def run(args: argparse.Namespace) -> int:
         if own_run_dir:
             shutil.rmtree(run_dir, ignore_errors=True)
         elif ep.tcp_host is None:
-            for path in Endpoints.ipc(run_dir).ipc_paths():
+            for path in [*Endpoints.ipc(run_dir).ipc_paths(), *Path(run_dir).glob("kv-*.sock")]:
                 path.unlink(missing_ok=True)
+
+
+def _spawn(name: str, cmd: list[str], env: dict[str, str]) -> Child:
+    return Child(name, subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent), cmd, env)
 
 
 def _wait_ready(url: str, children: list[Child], timeout: float, stopping) -> bool:
@@ -168,10 +202,11 @@ def _first_exited(children: list[Child]) -> Child | None:
 
 
 def _stop_all(children: list[Child]) -> None:
-    """SIGTERM everyone (gateway first, so no new requests come in), then SIGKILL stragglers."""
+    """Stop everyone (gateway first, so no new requests come in), then SIGKILL stragglers.
+    Workers get SIGINT: SIGTERM would make them drain, which needs the scheduler."""
     for c in reversed(children):
         if c.proc.poll() is None:
-            c.proc.send_signal(signal.SIGTERM)
+            c.proc.send_signal(signal.SIGINT if c.is_worker else signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_SECONDS
     for c in children:
         try:

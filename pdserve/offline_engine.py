@@ -15,7 +15,7 @@ from gpu_worker.runner import ModelRunner
 from protocol.config import CacheSettings, ModelSettings, SchedulerSettings
 from protocol.messages import AddRequest, FinishReason, RequestOutput
 from scheduler_svc.kv_cache_manager import KVCacheManager
-from scheduler_svc.scheduler import Scheduler
+from scheduler_svc.worker_scheduler import WorkerScheduler
 
 
 @dataclass
@@ -46,7 +46,7 @@ class OfflineEngine:
         self.kv = KVCacheManager(
             self.runner.num_kv_blocks, cache.block_size, cache.enable_prefix_caching
         )
-        self.scheduler = Scheduler(
+        self.scheduler = WorkerScheduler(
             scheduler, self.kv, self.runner.max_model_len, self.runner.vocab_size, model.seed
         )
         self.check_integrity = check_integrity

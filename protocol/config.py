@@ -62,6 +62,10 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True):
     scheduling_policy: str = "fcfs"
     max_waiting_requests: int = 4096
     max_inflight_steps: int = 2
+    max_local_prefill_tokens: int = 64
+    kv_transfer_timeout: float = 30.0
+    drain_timeout: float = 60.0
+    check_integrity_interval: float = 0.0
 
     def validate(self) -> None:
         if self.max_num_seqs < 1:
@@ -73,6 +77,13 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True):
         _choice("scheduling_policy", self.scheduling_policy, ("fcfs", "priority"))
         if not 1 <= self.max_inflight_steps <= 8:
             raise ConfigError(f"max_inflight_steps must be in [1, 8], got {self.max_inflight_steps}")
+        if self.max_local_prefill_tokens < 0:
+            raise ConfigError(f"max_local_prefill_tokens must be >= 0, got {self.max_local_prefill_tokens}")
+        for name in ("kv_transfer_timeout", "drain_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.check_integrity_interval < 0:
+            raise ConfigError(f"check_integrity_interval must be >= 0, got {self.check_integrity_interval}")
 
 
 class EndpointSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -112,6 +123,7 @@ class StageSettings(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_interval: float = 1.0
     liveness_timeout: float = 10.0
     torch_threads: int | None = None
+    kv_host: str | None = None
 
     def validate(self) -> None:
         _choice("role", self.role, ("mixed", "prefill", "decode"))
@@ -122,13 +134,29 @@ class StageSettings(msgspec.Struct, frozen=True, kw_only=True):
 class LaunchSettings(msgspec.Struct, frozen=True, kw_only=True):
     tokenizers: int = 1
     detokenizers: int = 1
-    workers: int = 1
+    workers: int | None = None
+    prefill_workers: int = 0
+    decode_workers: int = 0
+    restart_workers: bool = False
     ready_timeout: float = 300.0
 
+    @property
+    def num_mixed_workers(self) -> int:
+        """--workers, or 1 when no worker of any role was asked for."""
+        if self.workers is not None:
+            return self.workers
+        return 0 if self.prefill_workers or self.decode_workers else 1
+
     def validate(self) -> None:
-        for name in ("tokenizers", "detokenizers", "workers"):
+        for name in ("tokenizers", "detokenizers"):
             if not 1 <= getattr(self, name) <= 64:
                 raise ConfigError(f"{name} must be in [1, 64], got {getattr(self, name)}")
+        for name in ("workers", "prefill_workers", "decode_workers"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 64:
+                raise ConfigError(f"{name} must be in [0, 64], got {value}")
+        if self.num_mixed_workers + self.prefill_workers + self.decode_workers < 1:
+            raise ConfigError("at least one model worker is needed (--workers, --prefill-workers, --decode-workers)")
 
 
 SETTING_HELP: dict[str, str] = {
@@ -152,6 +180,14 @@ SETTING_HELP: dict[str, str] = {
     "max_waiting_requests": "bound of the waiting queue; past it new requests are refused",
     "max_inflight_steps": "steps the scheduler keeps queued at a worker: 2 plans step N+1 while N "
     "runs, hiding the round trip; 1 waits for each result",
+    "max_local_prefill_tokens": "with prefill and decode workers: a prompt with fewer uncached "
+    "tokens than this is prefilled where it decodes, without a KV transfer",
+    "kv_transfer_timeout": "seconds a KV transfer between workers may take before both sides' "
+    "blocks are released and the request is recomputed elsewhere",
+    "drain_timeout": "seconds a draining worker (SIGTERM) may finish its requests before the rest "
+    "move to other workers",
+    "check_integrity_interval": "seconds between full checks of every worker's KV accounting "
+    "(0: only after failures); for tests and debugging",
     "host": "address the HTTP gateway listens on",
     "port": "HTTP port of the gateway",
     "api_key": "require 'Authorization: Bearer <key>' on /v1 routes",
@@ -163,9 +199,15 @@ SETTING_HELP: dict[str, str] = {
     "heartbeat_interval": "seconds between liveness messages",
     "liveness_timeout": "seconds of silence after which a process counts as dead",
     "torch_threads": "CPU threads for torch in a worker (default: torch's own choice)",
+    "kv_host": "host or address other workers reach this worker's KV blocks at over tcp "
+    "(default: the stack's --tcp-host); ipc stacks use the run directory",
     "tokenizers": "tokenizer worker processes started by `pdserve up`",
     "detokenizers": "detokenizer worker processes started by `pdserve up`",
-    "workers": "model worker processes started by `pdserve up`",
+    "workers": "mixed (prefill + decode) model workers started by `pdserve up` (default 1, or "
+    "0 when --prefill-workers/--decode-workers are given)",
+    "prefill_workers": "prefill-only model workers started by `pdserve up` (disaggregation)",
+    "decode_workers": "decode-only model workers started by `pdserve up` (disaggregation)",
+    "restart_workers": "`pdserve up` restarts a model worker that dies (others keep serving meanwhile)",
     "ready_timeout": "seconds `pdserve up` waits for every stage to be ready",
     "run_dir": "directory of the ipc:// sockets (default: a fresh temporary directory)",
     "tcp_host": "use tcp:// sockets on this host instead of ipc:// (needs tcp_base_port)",

@@ -495,6 +495,8 @@ class SchedulerStats(_Msg, tag="stats"):
     phases: list[RequestPhases] = []  # requests finished since the previous stats
     num_migrations: int = 0  # cumulative: requests moved off a dead or draining worker
     num_preemptions: int = 0  # cumulative
+    integrity_checks: int = 0  # cumulative full checks of every worker's KV accounting
+    integrity_failures: int = 0  # of those, failed (a bug: the log says what contradicted)
 
 
 GatewayInbound = TextOutputs | RequestFailed | SchedulerStats | StageHeartbeat

@@ -95,6 +95,7 @@ class KVCacheManager:
         num_new_tokens: int,
         num_computed_tokens: int,
         new_computed_blocks: Sequence[KVBlock] = (),
+        cache_blocks: bool = True,
     ) -> list[int] | None:
         """Grow the request's table to cover ``num_computed_tokens + num_new_tokens`` tokens.
 
@@ -102,7 +103,9 @@ class KVCacheManager:
         table. Returns the ids appended by this call (hits first), or None, with nothing
         changed, when the free blocks do not suffice. Afterwards every block whose tokens
         are all known (``token_ids`` may lag behind the covered range) is offered to the
-        prefix cache.
+        prefix cache: the step being planned writes their KV before any later step can read
+        it, since a worker runs its steps in order. Blocks filled some other way (a KV
+        transfer) pass ``cache_blocks=False`` and are offered by ``cache_blocks`` once written.
         """
         if num_new_tokens < 0 or num_computed_tokens < 0:
             raise ValueError(f"negative token counts ({num_new_tokens=}, {num_computed_tokens=})")
@@ -134,9 +137,27 @@ class KVCacheManager:
         new_blocks = self.pool.get_new_blocks(num_to_allocate)
         table.extend(new_blocks)
 
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and cache_blocks:
             self._cache_full_blocks(request_id, token_ids, min(len(token_ids), num_covered))
         return [block.block_id for block in new_computed_blocks] + [block.block_id for block in new_blocks]
+
+    def cache_blocks(self, request_id: str, token_ids: Sequence[int], num_written_tokens: int) -> None:
+        """Offer the request's full blocks within its first ``num_written_tokens`` tokens, whose
+        KV now exists on the worker, to the prefix cache (see ``allocate_slots``)."""
+        if self.enable_prefix_caching and request_id in self._tables:
+            self._cache_full_blocks(request_id, token_ids, min(len(token_ids), num_written_tokens))
+
+    def count_cached_prefix(self, block_hashes: Sequence[BlockHash]) -> int:
+        """How many leading blocks of these chained hashes this worker caches (a read-only look
+        for routing: no statistics, nothing referenced)."""
+        if not self.enable_prefix_caching:
+            return 0
+        count = 0
+        for block_hash in block_hashes:
+            if self.pool.get_cached_block(block_hash) is None:
+                break
+            count += 1
+        return count
 
     def free(self, request_id: str, content_lost: bool = False) -> None:
         """Release a finished, aborted or preempted request; unknown ids are ignored.

@@ -14,6 +14,8 @@ class RequestStatus(enum.IntEnum):
     RUNNING = 1
     PREEMPTED = 2  # waiting again, to be recomputed from scratch (its outputs are kept)
     FINISHED = 3
+    OUTGOING = 4  # prefilled; its KV blocks stay held until a decode worker has copied them (the
+    # destination's reservation shares this record and status until it activates the request)
 
 
 @dataclass
@@ -36,6 +38,12 @@ class Request:
     admitted_step: int = 0  # step id of the plan that last (re)admitted it; older samples are stale
     finish_reason: FinishReason | None = None
     stop_token_id: int | None = None
+    prefill_only: bool = False  # disaggregated: leave this worker once the next token is sampled
+    # Phase clocks (time.time(), set by the scheduler process; 0.0 = not yet).
+    first_scheduled_at: float = 0.0
+    first_token_at: float = 0.0
+    transfer_seconds: float = 0.0  # summed KV transfer time
+    num_migrations: int = 0  # moved off a dead or draining worker, or after a failed transfer
 
     def __post_init__(self) -> None:
         if not self.token_ids:

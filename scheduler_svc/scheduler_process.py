@@ -1,13 +1,15 @@
-"""`pdserve scheduler`: the one central scheduler process.
+"""`pdserve scheduler`: the one central scheduler process, the socket shell around CentralScheduler.
 
 Sockets: PULL `scheduler_in` (AddRequest/AbortRequests from tokenizers and the gateway), ROUTER
-`worker_router` (workers: Hello, StepResult, Heartbeat, WorkerError), ROUTER `detokenizer_in`
+`worker_router` (workers: Hello, StepResult, Heartbeat, WorkerError, KVPullDone, WorkerDraining;
+to them: plans, KVPull/KVCancel, Accepted/Refused/Unknown, Shutdown), ROUTER `detokenizer_in`
 (detokenizers: heartbeats, stop-string aborts; outputs go back to them), PUSH to `gateway_in`
-(rejections and periodic SchedulerStats). Each worker has up to --max-inflight-steps steps
-queued: when a result comes back the queue is topped up at once, so the worker starts its next
-step without waiting for the scheduler (it feeds its own samples forward). All of a request's
-outputs go to the detokenizer chosen when it was admitted. A worker or detokenizer that falls silent past
-the liveness timeout is declared dead and its requests end with a clear error.
+(rejections and periodic SchedulerStats). What to do on each event is decided by
+`central.CentralScheduler` (pure logic); this module only carries it out. Each worker has up to
+--max-inflight-steps plans queued: when a result comes back the queue is topped up at once. All of
+a request's outputs go to the detokenizer chosen when it was admitted. A worker silent past the
+liveness timeout is declared dead and its requests move to other workers; a message from a
+worker the scheduler does not know is answered with WorkerUnknown, so the worker registers again.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from protocol.messages import (
     FromWorker,
     GatewayInbound,
     Heartbeat,
+    KVPullDone,
     RequestFailed,
     RequestOutput,
     SchedulerInbound,
@@ -43,16 +46,21 @@ from protocol.messages import (
     StepResult,
     ToWorker,
     WorkerAccepted,
+    WorkerDraining,
     WorkerError,
     WorkerHello,
+    WorkerRefused,
+    WorkerUnknown,
 )
 from protocol.sockets import PullSocket, PushSocket, RouterSocket
-from scheduler_svc.scheduler import QueueFull, RequestRejected
-from scheduler_svc.worker_slot import WorkerSlot, least_loaded
+from scheduler_svc.central import CentralScheduler, Effects, NoWorkerReady
+from scheduler_svc.worker_scheduler import QueueFull, RequestRejected
+from scheduler_svc.worker_slot import DEAD, READY, WorkerSlot
 
 log = logging.getLogger("pdserve.scheduler")
 STATS_INTERVAL = 0.5
 EARLY_ABORT_MEMORY = 60.0  # seconds an abort for a not-yet-arrived request is remembered
+UNKNOWN_REPLY_INTERVAL = 1.0  # at most one WorkerUnknown per second per identity
 
 
 class SchedulerService:
@@ -60,7 +68,8 @@ class SchedulerService:
         self, sched: SchedulerSettings, cache: CacheSettings, stage: StageSettings,
         endpoints: Endpoints, seed: int = 0,
     ) -> None:
-        self.sched, self.cache, self.stage, self.seed = sched, cache, stage, seed
+        self.sched, self.cache, self.stage = sched, cache, stage
+        self.central = CentralScheduler(sched, cache, seed)
         self.ctx = zmq.asyncio.Context()
         self.inbound = PullSocket(self.ctx, endpoints.scheduler_in, Codec(SchedulerInbound), bind=True)
         self.workers_sock = RouterSocket(
@@ -71,14 +80,14 @@ class SchedulerService:
             Codec(DetokenizerInbound), bind=True,
         )
         self.gateway = PushSocket(self.ctx, endpoints.gateway_in, Codec(GatewayInbound), bind=False)
-        self.workers: dict[str, WorkerSlot] = {}
         self.detoks: dict[bytes, float] = {}  # identity -> last heartbeat
         self.detok_load: dict[bytes, int] = {}
-        self.request_worker: dict[str, str] = {}
         self.request_detok: dict[str, bytes] = {}
-        self.arrival: dict[str, float] = {}
         self.client_id: dict[str, str] = {}
         self.early_aborts: dict[str, float] = {}  # aborted before their AddRequest arrived
+        self.unknown_replied: dict[bytes, float] = {}
+        self.integrity_failures = 0
+        self._last_integrity = time.monotonic()
 
     async def run(self) -> None:
         tasks = [
@@ -116,14 +125,15 @@ class SchedulerService:
         if self.early_aborts.pop(msg.request_id, None) is not None:
             return  # the client left while its request was being tokenized
         client_id = msg.parent_id or msg.request_id
-        slot = least_loaded(list(self.workers.values()))
         live_detoks = [d for d in self.detoks if d in self.detok_load]
-        if slot is None or not live_detoks:
-            what = "model worker" if slot is None else "detokenizer"
-            await self._fail(client_id, 503, f"no {what} is ready; try again shortly")
+        if not live_detoks:
+            await self._fail(client_id, 503, "no detokenizer is ready; try again shortly")
             return
         try:
-            slot.scheduler.add_request(msg)
+            slot = self.central.add(msg, time.time())
+        except NoWorkerReady:
+            await self._fail(client_id, 503, "no model worker is ready; try again shortly")
+            return
         except RequestRejected as exc:
             await self._fail(client_id, 400, str(exc), exc.param)
             return
@@ -133,30 +143,22 @@ class SchedulerService:
         detok = min(live_detoks, key=lambda d: self.detok_load[d])
         self.detok_load[detok] += 1
         rid = msg.request_id
-        self.request_worker[rid] = slot.worker_id
         self.request_detok[rid] = detok
-        self.arrival[rid] = msg.arrival_time
         self.client_id[rid] = client_id
         await self.detok_sock.send(detok, DetokRequest(
             rid, client_id, msg.index, msg.prompt_token_ids[-DETOK_PROMPT_TAIL:],
             len(msg.prompt_token_ids), msg.params,
         ))
-        await self._kick(slot)
+        await self._kick(slot, pipeline=False)
 
     async def _abort(self, ids: list[str], reason: FinishReason, error: str = "") -> None:
-        by_worker: dict[str, list[str]] = {}
-        for rid in ids:
-            if rid in self.request_worker:
-                by_worker.setdefault(self.request_worker[rid], []).append(rid)
-            elif reason == FinishReason.ABORT:
-                self.early_aborts[rid] = time.monotonic()
-        for wid, rids in by_worker.items():
-            slot = self.workers[wid]
-            outs = slot.scheduler.abort(rids, reason)
-            for out in outs:
-                out.error = error
-            await self._route(slot, outs)
-            await self._kick(slot)
+        known = [rid for rid in ids if rid in self.central.where]
+        if reason == FinishReason.ABORT:
+            for rid in ids:
+                if rid not in self.central.where:
+                    self.early_aborts[rid] = time.monotonic()
+        if known:
+            await self._apply(self.central.abort(known, reason, time.time(), error))
 
     async def _fail(self, request_id: str, status: int, message: str, param: str | None = None,
                     code: str | None = None) -> None:
@@ -166,74 +168,90 @@ class SchedulerService:
 
     async def _on_worker(self, item) -> None:
         identity, msg = item
-        now = time.monotonic()
         if isinstance(msg, WorkerHello):
-            old = self.workers.get(msg.worker_id)
-            if old is not None:
-                await self._declare_dead(old, "restarted")
-            self.workers[msg.worker_id] = WorkerSlot.create(
-                msg, identity, self.sched, self.cache, now, self.seed + len(self.workers)
-            )
-            log.info("worker %s joined: %d blocks, context %d", msg.worker_id,
-                     msg.num_kv_blocks, msg.max_model_len)
-            await self.workers_sock.send(identity, WorkerAccepted(msg.worker_id, os.getpid()))
+            await self._on_hello(identity, msg)
             return
-        slot = self.workers.get(msg.worker_id)
-        if slot is None or slot.state != "ready":
+        slot = self.central.workers.get(msg.worker_id)
+        if slot is None or slot.state == DEAD or slot.identity != identity:
+            await self._unknown(identity, msg.worker_id)
             return
-        slot.last_seen = now
+        slot.last_seen = time.monotonic()
+        now = time.time()
         if isinstance(msg, Heartbeat):
             return
         if isinstance(msg, StepResult):
-            slot.complete(msg.step_id)
-            slot.num_steps += 1
-            slot.busy_seconds += msg.execute_seconds
-            outputs = slot.scheduler.update(msg)
-            await self._kick(slot, pipeline=True)  # plans first: the worker may be waiting
-            await self._route(slot, outputs)
-            return
-        if isinstance(msg, WorkerError):
-            plan = slot.complete(msg.step_id)
-            if plan is not None:
-                await self._route(slot, slot.scheduler.fail_step(plan, f"worker {msg.worker_id}: {msg.message}"))
-        await self._kick(slot, pipeline=True)
+            await self._apply(self.central.on_result(slot, msg, now), pipeline=True)
+        elif isinstance(msg, KVPullDone):
+            if not msg.ok:
+                log.warning("KV transfer %d into %s failed: %s", msg.transfer_id, msg.worker_id, msg.error)
+            await self._apply(self.central.on_pull_done(msg, now), pipeline=True, check=not msg.ok)
+        elif isinstance(msg, WorkerError):
+            await self._apply(self.central.on_step_error(slot, msg, now), pipeline=True, check=True)
+        elif isinstance(msg, WorkerDraining):
+            log.info("worker %s is draining", msg.worker_id)
+            await self._apply(self.central.drain(slot, now), pipeline=True, check=True)
 
-    async def _kick(self, slot: WorkerSlot, pipeline: bool = False) -> None:
+    async def _on_hello(self, identity: bytes, msg: WorkerHello) -> None:
+        slot, reason, effects = self.central.register(msg, identity, time.time())
+        if slot is None:
+            log.error("worker %s refused: %s", msg.worker_id, reason)
+            await self._send(None, identity, WorkerRefused(msg.worker_id, reason))
+        else:
+            log.info("worker %s (%s) joined: %d blocks, context %d, KV at %s", msg.worker_id,
+                     msg.role.name.lower(), msg.num_kv_blocks, msg.max_model_len, msg.kv_address or "-")
+            self.unknown_replied.pop(identity, None)
+            await self._send(slot, identity, WorkerAccepted(msg.worker_id, os.getpid()))
+        await self._apply(effects, pipeline=True, check=bool(effects.outputs or effects.messages))
+
+    async def _unknown(self, identity: bytes, worker_id: str) -> None:
+        """Tell a worker the scheduler has no record of it (restart, or declared dead)."""
+        now = time.monotonic()
+        if now - self.unknown_replied.get(identity, 0.0) < UNKNOWN_REPLY_INTERVAL:
+            return
+        self.unknown_replied[identity] = now
+        await self._send(None, identity, WorkerUnknown(worker_id))
+
+    async def _send(self, slot: WorkerSlot | None, identity: bytes, msg) -> bool:
+        try:
+            await self.workers_sock.send(identity, msg)
+            return True
+        except zmq.ZMQError as exc:
+            if slot is not None:
+                await self._apply(self.central.worker_lost(slot, f"is unreachable ({exc})", time.time()),
+                                  check=True)
+            return False
+
+    async def _kick(self, slot: WorkerSlot, pipeline: bool) -> None:
         """Send the worker the plans it can take now (see WorkerSlot.next_plan)."""
-        while (plan := slot.next_plan(pipeline)) is not None:
-            now = time.time()
-            for s in plan.new_seqs:
-                slot.first_scheduled.setdefault(s.request_id, now)
-            try:
-                await self.workers_sock.send(slot.identity, plan)
-            except zmq.ZMQError as exc:
-                await self._declare_dead(slot, f"unreachable ({exc})")
+        if slot.state == DEAD:
+            return
+        for plan in self.central.plans(slot, pipeline, time.time()):
+            if not await self._send(slot, slot.identity, plan):
                 return
 
-    async def _declare_dead(self, slot: WorkerSlot, why: str) -> None:
-        if slot.state == "dead":
-            return
-        slot.state = "dead"
-        slot.inflight.clear()
-        log.error("worker %s is dead: %s", slot.worker_id, why)
-        ids = [r.request_id for r in slot.scheduler.running + slot.scheduler.waiting]
-        outs = slot.scheduler.abort(ids, FinishReason.ERROR)
-        for out in outs:
-            out.error = f"worker {slot.worker_id} {why}; the request was lost"
-        await self._route(slot, outs)
+    async def _apply(self, effects: Effects, pipeline: bool = True, check: bool = False) -> None:
+        """Carry out what the central scheduler decided: messages, then plans, then outputs."""
+        for slot, msg in effects.messages:
+            await self._send(slot, slot.identity, msg)
+        for slot in effects.kick.values():
+            await self._kick(slot, pipeline)
+        await self._route(effects.outputs)
+        if check:
+            self._check_integrity()
 
-    async def _route(self, slot: WorkerSlot, outs: list[RequestOutput]) -> None:
+    async def _declare_dead(self, slot: WorkerSlot, why: str) -> None:
+        log.error("worker %s is dead: %s", slot.worker_id, why)
+        await self._apply(self.central.worker_lost(slot, why, time.time()), check=True)
+
+    async def _route(self, outs: list[RequestOutput]) -> None:
         """Send outputs to each request's detokenizer; forget requests that finished."""
         batches: dict[bytes, list[RequestOutput]] = {}
         for out in outs:
             rid = out.request_id
             detok = self.request_detok.get(rid)
-            if rid in slot.first_scheduled:
-                out.queue_seconds = max(0.0, slot.first_scheduled.pop(rid) - self.arrival.get(rid, 0.0))
             if detok is not None:
                 batches.setdefault(detok, []).append(out)
             if out.finish_reason is not None:
-                slot.first_scheduled.pop(rid, None)
                 self._forget(rid)
         for detok, batch in batches.items():
             try:
@@ -242,12 +260,19 @@ class SchedulerService:
                 await self._detok_lost(detok)
 
     def _forget(self, rid: str) -> None:
-        self.request_worker.pop(rid, None)
-        self.arrival.pop(rid, None)
         self.client_id.pop(rid, None)
         detok = self.request_detok.pop(rid, None)
         if detok in self.detok_load:
             self.detok_load[detok] -= 1
+
+    def _check_integrity(self) -> None:
+        """Full accounting check after a failure event (and periodically under a flag): a
+        contradiction is logged loudly and counted in the stats, never allowed to pass silently."""
+        try:
+            self.central.check_integrity()
+        except AssertionError as exc:
+            self.integrity_failures += 1
+            log.error("KV accounting integrity check failed: %s", exc)
 
     # ------------------------------------------------------------------ detokenizers
 
@@ -276,30 +301,49 @@ class SchedulerService:
         while True:
             await asyncio.sleep(STATS_INTERVAL)
             now = time.monotonic()
-            for slot in list(self.workers.values()):
-                if slot.state == "ready" and now - slot.last_seen > self.stage.liveness_timeout:
+            for slot in list(self.central.workers.values()):
+                if slot.state != DEAD and now - slot.last_seen > self.stage.liveness_timeout:
                     await self._declare_dead(slot, "stopped responding")
+            effects = self.central.expire(time.time())
+            await self._apply(effects, check=bool(effects.outputs or effects.messages))
             for rid, when in list(self.early_aborts.items()):
                 if now - when > EARLY_ABORT_MEMORY:
                     del self.early_aborts[rid]
+            for identity, when in list(self.unknown_replied.items()):
+                if now - when > 60.0:
+                    del self.unknown_replied[identity]
             for detok, seen in list(self.detoks.items()):
                 if now - seen > self.stage.liveness_timeout:
                     await self._detok_lost(detok)
+            interval = self.sched.check_integrity_interval
+            if interval > 0 and now - self._last_integrity >= interval:
+                self._last_integrity = now
+                self._check_integrity()
             await self.gateway.send(self.stats())
 
     def stats(self) -> SchedulerStats:
-        live = [s for s in self.workers.values() if s.state == "ready"]
-        total = sum(s.kv.num_usable_blocks for s in live)
-        used = sum(s.kv.num_usable_blocks * s.kv.usage for s in live)
-        first = next(iter(live), None)
+        c = self.central
+        live = [s for s in c.workers.values() if s.state == READY]
+        total = sum(s.kv.num_usable_blocks for s in c.workers.values())
+        used = sum(s.kv.num_usable_blocks * s.kv.usage for s in c.workers.values())
+        first = next(iter(c.workers.values()), None)
+        transfers, c.finished_transfers = c.finished_transfers, []
+        phases, c.finished_phases = c.finished_phases, []
+        slots = list(c.workers.values())
         return SchedulerStats(
             timestamp=time.time(),
             model=first.hello.model if first else "",
             max_model_len=min((s.hello.max_model_len for s in live), default=0),
-            num_running=sum(len(s.scheduler.running) for s in live),
-            num_waiting=sum(len(s.scheduler.waiting) for s in live),
+            num_running=sum(len(s.scheduler.running) for s in slots),
+            num_waiting=sum(len(s.scheduler.waiting) for s in slots),
             kv_cache_usage=used / total if total else 0.0,
-            prefix_cache_queries=sum(s.scheduler.prefix_cache_queries for s in self.workers.values()),
-            prefix_cache_hits=sum(s.scheduler.prefix_cache_hits for s in self.workers.values()),
-            workers=[s.info() for s in self.workers.values()],
+            prefix_cache_queries=c.total("prefix_cache_queries"),
+            prefix_cache_hits=c.total("prefix_cache_hits"),
+            workers=c.infos(),
+            transfers=transfers,
+            phases=phases,
+            num_migrations=c.num_migrations,
+            num_preemptions=c.total("num_preemptions"),
+            integrity_checks=c.integrity_checks,
+            integrity_failures=self.integrity_failures,
         )

@@ -1,5 +1,11 @@
 """Continuous batching for one worker: which tokens of which requests run in the next step.
 
+The central scheduler process (`central.py`) keeps one of these per worker and moves requests
+between them: a prefill worker hands a prefilled request (OUTGOING, blocks still held) to a decode
+worker (`incoming`: blocks reserved until its KV has been copied), and a dead or draining worker's
+requests are adopted elsewhere and recomputed. Step ids come from one counter shared by every
+worker, so a sample is recognised as stale wherever its request has moved since.
+
 One loop, no separate prefill phase: each request's computed-token count catches up with its
 token count under a per-step token budget. Running requests go first (decodes and unfinished
 prefill chunks), then waiting ones are admitted, reusing cached prefix blocks. When blocks run out
@@ -11,7 +17,9 @@ no token is lost or repeated. Pure logic: no sockets, no clocks except arrival t
 from __future__ import annotations
 
 import bisect
+import itertools
 import random
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -43,7 +51,7 @@ class QueueFull(RuntimeError):
     """The waiting queue is at --max-waiting-requests; the caller should retry later."""
 
 
-class Scheduler:
+class WorkerScheduler:
     def __init__(
         self,
         settings: SchedulerSettings,
@@ -51,6 +59,7 @@ class Scheduler:
         max_model_len: int,
         vocab_size: int,
         seed: int = 0,
+        step_ids: Iterator[int] | None = None,
     ) -> None:
         self.settings = settings
         self.kv = kv
@@ -60,9 +69,13 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []  # sorted by sort_key
         self.running: list[Request] = []  # sorted by sort_key; the tail is preempted first
+        self.outgoing: dict[str, Request] = {}  # prefilled, KV blocks held for a transfer out
+        self.incoming: dict[str, Request] = {}  # blocks reserved, KV being copied in
+        self.handoffs: list[Request] = []  # became OUTGOING since the caller last took them
         self._worker_forget: list[str] = []
         self._rng = random.Random(seed)
         self._order = 0
+        self._step_ids = step_ids if step_ids is not None else itertools.count(1)
         self._step_id = 0
         self.num_preemptions = 0
         # Prefix-cache statistics, counted once per request at its first successful admission:
@@ -73,8 +86,10 @@ class Scheduler:
 
     # ------------------------------------------------------------------ intake
 
-    def add_request(self, msg: AddRequest) -> None:
-        """Queue a request, or raise RequestRejected / QueueFull saying why it cannot be."""
+    def add_request(self, msg: AddRequest, prefill_only: bool = False) -> Request:
+        """Queue a request, or raise RequestRejected / QueueFull saying why it cannot be.
+
+        With prefill_only the request leaves this worker after its next sample (`handoffs`)."""
         if msg.request_id in self.requests:
             raise RequestRejected(f"request id {msg.request_id!r} is already in use", "request_id")
         n = len(msg.prompt_token_ids)
@@ -105,9 +120,116 @@ class Scheduler:
             priority=msg.priority,
             seed=seed,
             order=self._order,
+            prefill_only=prefill_only,
         )
         self.requests[req.request_id] = req
         self._insert(self.waiting, req)
+        return req
+
+    def adopt(self, req: Request, prefill_only: bool = False) -> None:
+        """Take over a request from another worker, to be recomputed here from its tokens.
+
+        Like a preempted request: prompt plus outputs so far are prefilled again, and sampling
+        continues at the next output index with the same seed, so the stream neither repeats
+        nor skips a token. The waiting-queue bound does not apply: the request was admitted.
+        """
+        if req.request_id in self.requests:
+            raise ValueError(f"request {req.request_id!r} is already on this worker")
+        if req.num_tokens >= self.max_model_len:
+            raise RequestRejected(
+                f"the request has {req.num_tokens} tokens, more than this worker's context "
+                f"({self.max_model_len}) can hold with one more", "prompt")
+        self._order += 1
+        req.order = self._order
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_inflight_samples = 0
+        req.on_worker = False
+        req.prefill_only = prefill_only
+        self.requests[req.request_id] = req
+        self._insert(self.waiting, req)
+
+    def take_all(self) -> list[Request]:
+        """Every request here, removed with its blocks freed (the worker died or drains). Blocks
+        reserved for KV still being copied in were never offered to the prefix cache."""
+        taken = []
+        for req in [*self.running, *self.waiting, *self.outgoing.values(), *self.incoming.values()]:
+            self._detach(req)
+            self.kv.free(req.request_id)
+            taken.append(req)
+        return taken
+
+    def take_waiting(self) -> list[Request]:
+        """Requests that have not started here (no blocks held), removed for another worker."""
+        taken = [r for r in self.waiting if not self.kv.block_ids(r.request_id)]
+        for req in taken:
+            self._detach(req)
+            self.kv.free(req.request_id)
+        return taken
+
+    def _detach(self, req: Request) -> None:
+        """Remove a live request from this worker's queues and records (its blocks are the
+        caller's to free); the worker is told to forget it if it holds it."""
+        self._remove_from_queues(req)
+        if req.on_worker:
+            self._worker_forget.append(req.request_id)
+            req.on_worker = False
+        del self.requests[req.request_id]
+
+    # ------------------------------------------------------------------ KV transfers
+
+    def release_outgoing(self, request_id: str) -> Request:
+        """The decode side has the KV (or gave up): free the blocks, which stay in the prefix cache."""
+        req = self.outgoing[request_id]
+        self._detach(req)
+        self.kv.free(request_id)
+        return req
+
+    def reserve_incoming(self, req: Request) -> tuple[int, list[int]] | None:
+        """Reserve blocks for a prefilled request's KV; None (nothing changed) if they don't fit.
+
+        The request's last token has no KV yet; the tokens before it do, on the source worker.
+        Blocks this worker already caches for that prefix are reused; the rest are new and not
+        offered to the prefix cache until `activate_incoming`, since their KV has not arrived.
+        Returns (index of the first block to copy, destination block ids to copy into); the
+        source's blocks at the same table indices are the ones to read.
+        """
+        rid = req.request_id
+        if rid in self.requests:
+            raise ValueError(f"request {rid!r} is already on this worker")
+        num_kv = req.num_tokens - 1
+        if req.num_tokens >= self.max_model_len or len(self.running) + len(self.incoming) >= self.settings.max_num_seqs:
+            return None
+        hits, num_hit = self.kv.get_computed_blocks(rid, req.token_ids)
+        blocks = self.kv.allocate_slots(rid, req.token_ids, req.num_tokens - num_hit, num_hit, hits,
+                                        cache_blocks=False)
+        if blocks is None:
+            self.kv.free(rid)
+            return None
+        bs = self.kv.block_size
+        first, end = len(hits), -(-num_kv // bs)
+        req.prefill_only = False  # stays OUTGOING (for its source) until activate_incoming
+        self.requests[rid] = req
+        self.incoming[rid] = req
+        return first, self.kv.block_ids(rid)[first:end]
+
+    def activate_incoming(self, request_id: str) -> None:
+        """The KV arrived: offer its full blocks to the prefix cache and decode from here."""
+        req = self.incoming.pop(request_id)
+        num_kv = req.num_tokens - 1
+        self.kv.cache_blocks(request_id, req.token_ids, num_kv)
+        req.num_computed_tokens = num_kv
+        req.status = RequestStatus.RUNNING
+        self._order += 1
+        req.order = self._order
+        self._insert(self.running, req)
+
+    def cancel_incoming(self, request_id: str) -> Request:
+        """The copy failed or its source went away: unreserve (no uncopied block is cached)."""
+        req = self.incoming[request_id]
+        self._detach(req)
+        self.kv.free(request_id)
+        return req
 
     def abort(self, request_ids: list[str], reason: FinishReason = FinishReason.ABORT) -> list[RequestOutput]:
         """End these requests now and free their blocks; unknown ids are ignored."""
@@ -116,18 +238,30 @@ class Scheduler:
             req = self.requests.get(rid)
             if req is None:
                 continue
-            if req.status == RequestStatus.RUNNING:
-                self.running.remove(req)
-            else:
-                self.waiting.remove(req)
+            self._remove_from_queues(req)
             self._finish(req, reason)
             outputs.append(self._output(req, []))
         return outputs
 
+    def _remove_from_queues(self, req: Request) -> None:
+        """By membership, not status: mid-transfer one Request is OUTGOING on the source and
+        reserved (incoming) on the destination at once."""
+        rid = req.request_id
+        if rid in self.outgoing:
+            del self.outgoing[rid]
+            if req in self.handoffs:
+                self.handoffs.remove(req)
+        elif rid in self.incoming:
+            del self.incoming[rid]
+        elif req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+
     # ------------------------------------------------------------------ planning
 
     def schedule(self) -> StepPlan:
-        self._step_id += 1
+        self._step_id = next(self._step_ids)
         budget = self.settings.max_num_batched_tokens
         new_seqs: list[NewSeq] = []
         cached_seqs: list[CachedSeq] = []
@@ -136,7 +270,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_uncomputed_tokens, budget, self.max_model_len - req.num_computed_tokens)
-            if n <= 0 or self._reaches_length_in_flight(req):
+            if n <= 0 or self._reaches_length_in_flight(req) or (req.prefill_only and req.num_inflight_samples):
                 i += 1
                 continue
             new_blocks = self._allocate_or_preempt(req, n)
@@ -144,9 +278,10 @@ class Scheduler:
                 break
             if len(self.running) <= i or self.running[i] is not req:
                 raise AssertionError("preemption removed a request ahead of the current one")
-            cached_seqs.append(
-                CachedSeq(req.request_id, new_blocks, req.num_computed_tokens, n)
-            )
+            if req.on_worker:
+                cached_seqs.append(CachedSeq(req.request_id, new_blocks, req.num_computed_tokens, n))
+            else:  # arrived with its KV from another worker: the worker learns it now
+                new_seqs.append(self._new_seq(req, n))
             self._advance(req, n)
             budget -= n
             i += 1
@@ -211,25 +346,28 @@ class Scheduler:
                     self.prefix_cache_hits += num_hit
             req.num_computed_tokens = num_hit
             req.status = RequestStatus.RUNNING
-            req.on_worker = True
-            req.admitted_step = self._step_id
-            new_seqs.append(
-                NewSeq(
-                    request_id=req.request_id,
-                    token_ids=list(req.token_ids),
-                    num_prompt_tokens=req.num_prompt_tokens,
-                    block_ids=self.kv.block_ids(req.request_id),
-                    num_computed_tokens=num_hit,
-                    num_scheduled_tokens=n,
-                    params=req.params,
-                    eos_token_ids=req.eos_token_ids,
-                    seed=req.seed,
-                )
-            )
+            new_seqs.append(self._new_seq(req, n))
             self._advance(req, n)
             self._insert(self.running, req)
             budget -= n
         return budget
+
+    def _new_seq(self, req: Request, n: int) -> NewSeq:
+        """Everything the worker needs about a request it holds no state for; from this plan on
+        it does (samples of older plans are stale)."""
+        req.on_worker = True
+        req.admitted_step = self._step_id
+        return NewSeq(
+            request_id=req.request_id,
+            token_ids=list(req.token_ids),
+            num_prompt_tokens=req.num_prompt_tokens,
+            block_ids=self.kv.block_ids(req.request_id),
+            num_computed_tokens=req.num_computed_tokens,
+            num_scheduled_tokens=n,
+            params=req.params,
+            eos_token_ids=req.eos_token_ids,
+            seed=req.seed,
+        )
 
     def _advance(self, req: Request, n: int) -> None:
         req.num_computed_tokens += n
@@ -264,8 +402,24 @@ class Scheduler:
                 self.running.remove(req)
                 req.stop_token_id = stop_id
                 self._finish(req, reason)
+            elif req.prefill_only and req.num_inflight_samples == 0:
+                self._hand_off(req)
             outputs.append(self._output(req, [token], logprobs))
         return outputs
+
+    def _hand_off(self, req: Request) -> None:
+        """Prefill done and the first token out: keep the blocks for a transfer, stop here."""
+        self.running.remove(req)
+        req.status = RequestStatus.OUTGOING
+        self.outgoing[req.request_id] = req
+        self.handoffs.append(req)
+        if req.on_worker:
+            self._worker_forget.append(req.request_id)
+            req.on_worker = False
+
+    def take_handoffs(self) -> list[Request]:
+        handoffs, self.handoffs = self.handoffs, []
+        return handoffs
 
     def fail_step(self, plan: StepPlan, message: str) -> list[RequestOutput]:
         """A worker could not run `plan`: end its requests with an error, keep serving others."""
@@ -273,9 +427,9 @@ class Scheduler:
         outputs = []
         for rid in ids:
             req = self.requests.get(rid)
-            if req is None or req.status == RequestStatus.FINISHED:
-                continue
-            (self.running if req.status == RequestStatus.RUNNING else self.waiting).remove(req)
+            if req is None or req.status == RequestStatus.FINISHED or rid in self.outgoing or rid in self.incoming:
+                continue  # in transfer: its KV was written by earlier, successful steps
+            self._remove_from_queues(req)
             self._finish(req, FinishReason.ERROR, content_lost=True)
             outputs.append(self._output(req, [], error=message))
         return outputs
@@ -314,6 +468,11 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     @property
+    def is_empty(self) -> bool:
+        """Nothing here at all: no request in any state, nothing for the worker to forget."""
+        return not (self.requests or self._worker_forget)
+
+    @property
     def has_pending_forgets(self) -> bool:
         return bool(self._worker_forget)
 
@@ -326,7 +485,14 @@ class Scheduler:
             assert covered >= req.num_computed_tokens, f"{req.request_id}: blocks cover {covered}"
         for req in self.waiting:
             assert not self.kv.block_ids(req.request_id), f"waiting {req.request_id} holds blocks"
-        assert self.kv.num_requests == len(self.running), "KV tables != running requests"
+        for rid, req in [*self.outgoing.items(), *self.incoming.items()]:
+            assert req.status == RequestStatus.OUTGOING, f"{rid} in transfer as {req.status}"
+            covered = len(self.kv.block_ids(rid)) * self.kv.block_size
+            assert covered >= req.num_tokens - 1, f"{rid} in transfer: blocks cover {covered}"
+        assert self.kv.num_requests == len(self.running) + len(self.outgoing) + len(self.incoming), (
+            "KV tables != running + transferring requests")
+        live = len(self.running) + len(self.waiting) + len(self.outgoing) + len(self.incoming)
+        assert live == len(self.requests), f"{len(self.requests)} requests but {live} in queues"
         assert len(self.running) <= self.settings.max_num_seqs
 
 

@@ -1,19 +1,22 @@
-"""The scheduler process's view of one worker: its block accounting, its queue, its step in flight.
+"""The central scheduler's view of one worker: its facts, state, block accounting and steps in flight.
 
 Each worker gets its own KVCacheManager (sized by the blocks its Hello reported) and its own
-Scheduler policy instance; the service routes a new request to the least-loaded ready worker,
-and a request stays on that worker until it ends (moving it is the disaggregation issue's).
+WorkerScheduler (batching policy); the central scheduler (`central.py`) decides which worker a
+request goes to and moves requests between workers.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from protocol.config import CacheSettings, SchedulerSettings
-from protocol.messages import StepPlan, WorkerHello, WorkerInfo
+from protocol.messages import StepPlan, WorkerHello, WorkerInfo, WorkerRole
 from scheduler_svc.kv_cache_manager import KVCacheManager
-from scheduler_svc.scheduler import Scheduler
+from scheduler_svc.worker_scheduler import WorkerScheduler
+
+READY, DRAINING, DEAD = "ready", "draining", "dead"
 
 
 @dataclass
@@ -21,22 +24,26 @@ class WorkerSlot:
     hello: WorkerHello
     identity: bytes
     kv: KVCacheManager
-    scheduler: Scheduler
+    scheduler: WorkerScheduler
     last_seen: float
-    state: str = "ready"  # "ready" | "dead"
+    state: str = READY  # READY | DRAINING | DEAD
     max_inflight: int = 1
     inflight: deque[StepPlan] = field(default_factory=deque)  # sent, result not back; oldest first
-    first_scheduled: dict[str, float] = field(default_factory=dict)
     num_steps: int = 0
     busy_seconds: float = 0.0
+    drain_deadline: float = 0.0  # monotonic; while DRAINING, when what is left is moved away
+    transfers_in: int = 0  # in flight, this worker the destination
+    transfers_out: int = 0  # in flight, this worker the source
+    transfers_done: int = 0
+    transfer_bytes: int = 0
 
     @classmethod
     def create(
         cls, hello: WorkerHello, identity: bytes, sched: SchedulerSettings, cache: CacheSettings,
-        now: float, seed: int,
+        now: float, seed: int, step_ids: Iterator[int] | None = None,
     ) -> WorkerSlot:
         kv = KVCacheManager(hello.num_kv_blocks, hello.block_size, cache.enable_prefix_caching)
-        policy = Scheduler(sched, kv, hello.max_model_len, hello.vocab_size, seed)
+        policy = WorkerScheduler(sched, kv, hello.max_model_len, hello.vocab_size, seed, step_ids)
         return cls(hello, identity, kv, policy, now, max_inflight=sched.max_inflight_steps)
 
     @property
@@ -44,9 +51,23 @@ class WorkerSlot:
         return self.hello.worker_id
 
     @property
-    def load(self) -> tuple[int, float]:
-        """Smaller is less loaded: queued requests first, then KV usage."""
-        return len(self.scheduler.running) + len(self.scheduler.waiting), self.kv.usage
+    def role(self) -> WorkerRole:
+        return self.hello.role
+
+    @property
+    def is_ready(self) -> bool:
+        return self.state == READY
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens this worker must still compute for the requests it holds (prefill backlog)."""
+        s = self.scheduler
+        return sum(r.num_uncomputed_tokens for r in s.running) + sum(r.num_tokens for r in s.waiting)
+
+    @property
+    def num_seqs(self) -> int:
+        s = self.scheduler
+        return len(s.running) + len(s.waiting) + len(s.incoming)
 
     def info(self) -> WorkerInfo:
         h = self.hello
@@ -56,6 +77,9 @@ class WorkerSlot:
             num_blocks_used=self.kv.num_usable_blocks - self.kv.num_free_blocks,
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             num_steps=self.num_steps, busy_seconds=round(self.busy_seconds, 6),
+            transfers_in=self.transfers_in, transfers_out=self.transfers_out,
+            transfers_done=self.transfers_done, transfer_bytes=self.transfer_bytes,
+            transports=list(h.transports),
         )
 
     def next_plan(self, pipeline: bool) -> StepPlan | None:
@@ -67,7 +91,7 @@ class WorkerSlot:
         wait for its result and join one larger step instead of a string of small ones.
         """
         limit = self.max_inflight if pipeline else 1
-        if self.state != "ready" or len(self.inflight) >= limit:
+        if self.state == DEAD or len(self.inflight) >= limit:
             return None
         if not (self.scheduler.has_unfinished or self.scheduler.has_pending_forgets):
             return None
@@ -84,8 +108,3 @@ class WorkerSlot:
                 self.inflight.remove(plan)
                 return plan
         return None
-
-
-def least_loaded(slots: list[WorkerSlot]) -> WorkerSlot | None:
-    ready = [s for s in slots if s.state == "ready"]
-    return min(ready, key=lambda s: s.load) if ready else None

@@ -18,7 +18,7 @@ from protocol.config import SchedulerSettings
 from protocol.messages import AddRequest, FinishReason, RequestOutput, StepPlan, StepResult
 from protocol.sampling import SamplingParams
 from scheduler_svc.kv_cache_manager import KVCacheManager
-from scheduler_svc.scheduler import Scheduler
+from scheduler_svc.worker_scheduler import WorkerScheduler
 
 BS = 4
 VOCAB = 1000
@@ -101,7 +101,7 @@ class Harness:
             scheduling_policy=self.policy,
             max_waiting_requests=self.max_waiting,
         )
-        self.sched = Scheduler(settings, self.kv, self.max_model_len, VOCAB)
+        self.sched = WorkerScheduler(settings, self.kv, self.max_model_len, VOCAB)
         self.worker = FakeWorker(BS)
         self.prompts: dict[str, list[int]] = {}
         self.fed: dict[str, list[int]] = {}

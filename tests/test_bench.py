@@ -12,6 +12,7 @@ import random
 import socket
 from pathlib import Path
 
+import httpx
 import pytest
 
 from pdserve.bench import report
@@ -381,3 +382,40 @@ def test_cli_unreachable_server_exits_2(capsys: pytest.CaptureFixture[str]):
         port = s.getsockname()[1]
     assert main(["bench", "--base-url", f"http://127.0.0.1:{port}", "--num-prompts", "2"]) == 2
     assert "cannot use" in capsys.readouterr().err
+
+
+def test_server_phase_breakdown_from_two_scrapes_of_gateway_metrics():
+    from gateway.metrics import GatewayMetrics
+    from pdserve.bench import server_phases
+    from protocol.messages import RequestPhases, SchedulerStats, TransferRecord
+
+    metrics = GatewayMetrics("m")
+
+    async def scrape() -> dict[str, float] | None:
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, content=metrics.render()))
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await server_phases.scrape(client, "http://server")
+
+    def stats(phases, transfers) -> SchedulerStats:
+        return SchedulerStats(0.0, "m", 100, 0, 0, 0.0, 0, 0, transfers=transfers, phases=phases)
+
+    metrics.queue.observe(0.5)  # before the run: not counted
+    metrics.observe_stats(stats([RequestPhases(0.5, 1.0, 0.0, 2.0)], []))
+    before = asyncio.run(scrape())
+    for q in (0.010, 0.030):
+        metrics.queue.observe(q)
+    metrics.observe_stats(stats([RequestPhases(0.01, 0.100, 0.004, 0.5, disaggregated=True),
+                                 RequestPhases(0.03, 0.300, 0.0, 1.5)],
+                                [TransferRecord("zmq", 3 * 2**20, 0.004, True),
+                                 TransferRecord("zmq", 0, 1.0, False)]))
+    got = server_phases.breakdown(before, asyncio.run(scrape()))
+    assert got == {
+        "queue_mean_ms": pytest.approx(20.0), "queue_requests": 2,
+        "prefill_mean_ms": pytest.approx(200.0), "prefill_requests": 2,
+        "kv_transfer_mean_ms": pytest.approx(4.0), "kv_transfer_requests": 1,
+        "decode_mean_ms": pytest.approx(1000.0), "decode_requests": 2,
+        "kv_transfers": 1, "kv_transfer_mib": pytest.approx(3.0),
+    }
+    rows = dict(server_phases.format_rows(got))
+    assert rows["Server mean prefill time (ms)"] == "200.00" and rows["KV transfers"] == "1"
+    assert server_phases.breakdown(None, got) is None

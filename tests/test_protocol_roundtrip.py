@@ -149,7 +149,7 @@ SAMPLES: list[tuple[str, Any]] = [
                                            transfers_done=3, transfer_bytes=4096, transports=["zmq"])],
                        transfers=[TransferRecord("zmq", 1 << 20, 0.01, True)],
                        phases=[RequestPhases(0.1, 0.2, 0.05, 1.5, disaggregated=True)],
-                       num_migrations=2, num_preemptions=3),
+                       num_migrations=2, num_preemptions=3, integrity_checks=9, integrity_failures=1),
     ),
     ("add", AddRequest("req-1", [1, 2, 3, 40_000], PARAMS, [2, 0], 1712.5, priority=-3,
                        parent_id="req", index=3)),

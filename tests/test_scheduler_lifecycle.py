@@ -10,7 +10,7 @@ import pytest
 
 from protocol.messages import AddRequest, FinishReason, StepResult
 from protocol.sampling import SamplingParams
-from scheduler_svc.scheduler import QueueFull, RequestRejected
+from scheduler_svc.worker_scheduler import QueueFull, RequestRejected
 from tests.scheduler_harness import (
     ABORT, ERROR, LENGTH, STOP, VOCAB, Harness, cached, news, toks,
 )

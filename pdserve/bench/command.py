@@ -110,6 +110,7 @@ async def resolve_model(client: httpx.AsyncClient, base_url: str) -> str:
 async def bench(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[str, RunResult]:
     import httpx
 
+    from pdserve.bench import server_phases
     from pdserve.bench.client import ENDPOINT_PATHS, build_payload, send_request
     from pdserve.bench.runner import poisson_arrival_times, run_schedule
 
@@ -127,7 +128,10 @@ async def bench(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple
             return await send_request(client, url, payload, index, request.prompt_len, args.timeout)
 
         arrivals = poisson_arrival_times(len(requests), args.request_rate, args.seed)
+        before = await server_phases.scrape(client, base_url)
         result = await run_schedule(requests, send, arrivals, args.max_concurrency, args.max_duration)
+        await asyncio.sleep(1.0)  # the server publishes its phase records about twice a second
+        result.server_phases = server_phases.breakdown(before, await server_phases.scrape(client, base_url))
     return model, result
 
 
@@ -166,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"pdserve bench: cannot use {args.base_url}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     summary = report.summarize(result.records, result.duration, slo, result.not_sent)
+    if result.server_phases is not None:
+        summary["server_phases"] = result.server_phases
     print(report.format_table(summary))
     failures = [r for r in result.records if not r.success]
     for r in failures[:5]:

@@ -125,6 +125,10 @@ def format_table(summary: dict[str, Any]) -> str:
             if key != "std":
                 rows.append((f"{key.capitalize() if key == 'mean' else key.upper()} {metric.upper()} (ms)",
                              "n/a" if value is None else f"{value:.2f}"))
+    if summary.get("server_phases"):
+        from pdserve.bench.server_phases import format_rows
+
+        rows += format_rows(summary["server_phases"])
     width = max(len(name) for name, _ in rows) + 2
     title = " Serving Benchmark Result "
     line = "=" * (width + 12)

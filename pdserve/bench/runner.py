@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pdserve.bench.client import RequestRecord
 from pdserve.bench.datasets import BenchRequest
@@ -45,6 +46,7 @@ class RunResult:
     duration: float
     not_sent: int = 0  # requests the time limit stopped before they were sent
     stopped_by_time_limit: bool = False
+    server_phases: dict[str, Any] | None = None  # from the server's /metrics (server_phases.py)
 
 
 async def run_schedule(requests: Sequence[BenchRequest], send: Sender, arrival_times: Sequence[float],

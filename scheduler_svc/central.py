@@ -1,0 +1,479 @@
+"""The one central scheduler: registration, routing, KV handoffs, migration and draining.
+
+It keeps one WorkerSlot (block accounting + batching policy) per worker and moves requests
+between them, so it can plan both ends of a KV transfer and prove that no block leaked
+(`check_integrity`). Pure logic: no sockets and no clock of its own; every method takes `now`
+(time.time(), the clock of AddRequest.arrival_time) and returns `Effects` that the process
+shell (`scheduler_process.py`) carries out: outputs to route, messages to send, workers to plan.
+
+A disaggregated request's path: routed to a prefill worker (`routing.choose_route`), it is
+prefilled and its first token sampled and streamed there; then it becomes OUTGOING (blocks kept),
+a decode worker reserves blocks for the part of its KV it does not cache (`reserve_incoming`)
+and is told to pull them (KVPull); on KVPullDone the decode side activates it and the prefill
+side frees its blocks into its prefix cache. A transfer that fails, times out or loses a side
+releases both sides' blocks and the request is recomputed elsewhere (migration), as are the
+requests of a worker that dies or does not finish draining in time.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from protocol.config import CacheSettings, SchedulerSettings
+from protocol.messages import (
+    AddRequest,
+    FinishReason,
+    KVCancel,
+    KVPull,
+    KVPullDone,
+    RequestOutput,
+    RequestPhases,
+    Shutdown,
+    StepPlan,
+    StepResult,
+    ToWorker,
+    TransferRecord,
+    WorkerError,
+    WorkerHello,
+    WorkerInfo,
+)
+from scheduler_svc.block_hash import BlockHash, extend_block_hashes
+from scheduler_svc.request import Request
+from scheduler_svc.routing import choose_route, decode_ranking, decode_targets
+from scheduler_svc.worker_scheduler import RequestRejected
+from scheduler_svc.worker_slot import DEAD, DRAINING, READY, WorkerSlot
+
+MAX_MIGRATIONS = 3  # a request moved this often is failed rather than moved again
+DEPARTED_MEMORY = 32  # workers that left, still shown by /workers
+
+
+class NoWorkerReady(RuntimeError):
+    """No ready model worker can take a request now."""
+
+
+@dataclass
+class Effects:
+    """What the process shell must do after an event, in this order: messages, plans, outputs."""
+
+    outputs: list[RequestOutput] = field(default_factory=list)
+    messages: list[tuple[WorkerSlot, ToWorker]] = field(default_factory=list)
+    kick: dict[str, WorkerSlot] = field(default_factory=dict)  # workers to top up with plans
+
+    def plan(self, slot: WorkerSlot) -> None:
+        self.kick[slot.worker_id] = slot
+
+
+@dataclass
+class Transfer:
+    transfer_id: int
+    request: Request
+    src: WorkerSlot
+    dst: WorkerSlot
+    src_block_ids: list[int]
+    dst_block_ids: list[int]
+    transport: str
+    started: float
+    deadline: float
+
+
+class CentralScheduler:
+    def __init__(self, sched: SchedulerSettings, cache: CacheSettings, seed: int = 0) -> None:
+        self.sched, self.cache, self.seed = sched, cache, seed
+        self.workers: dict[str, WorkerSlot] = {}
+        self.departed: deque[WorkerInfo] = deque(maxlen=DEPARTED_MEMORY)
+        self.step_ids = itertools.count(1)  # shared by every worker's policy
+        self._transfer_ids = itertools.count(1)
+        self._joined = 0
+        self.requests: dict[str, Request] = {}  # every live request
+        self.where: dict[str, WorkerSlot] = {}  # the worker that holds it (the source mid-transfer)
+        self.transfers: dict[int, Transfer] = {}
+        self.transfer_of: dict[str, int] = {}
+        self.pending_handoffs: list[tuple[WorkerSlot, Request]] = []  # no destination found yet
+        self.no_cuda_ipc: set[tuple[str, str]] = set()  # (src, dst) pairs whose cuda-ipc failed
+        self.finished_transfers: list[TransferRecord] = []  # since the last stats
+        self.finished_phases: list[RequestPhases] = []  # since the last stats
+        self.num_migrations = 0
+        self.integrity_checks = 0
+        # Cumulative counters of workers that left, so stack-wide totals never go backwards.
+        self.departed_counts = {"prefix_cache_queries": 0, "prefix_cache_hits": 0, "num_preemptions": 0}
+
+    # ------------------------------------------------------------------ workers
+
+    def register(self, hello: WorkerHello, identity: bytes, now: float) -> tuple[WorkerSlot | None, str, Effects]:
+        """A WorkerHello: the new slot, or None and why the worker does not fit the stack."""
+        effects = Effects()
+        old = self.workers.pop(hello.worker_id, None)  # the same worker, restarted: it lost its state
+        reason = self._misfit(hello)
+        slot = None
+        if not reason:
+            slot = WorkerSlot.create(hello, identity, self.sched, self.cache, now,
+                                     self.seed + self._joined, self.step_ids)
+            self._joined += 1
+            self.workers[hello.worker_id] = slot
+        if old is not None:  # its requests may move to the new registration
+            effects = self.worker_lost(old, "restarted", now)
+        self._start_handoffs(now, effects)  # a decode worker joining may unblock waiting handoffs
+        return slot, reason, effects
+
+    def _misfit(self, hello: WorkerHello) -> str:
+        for other in self.workers.values():
+            o = other.hello
+            if hello.model != o.model:
+                return f"worker serves model {hello.model!r} but the stack serves {o.model!r}"
+            if hello.vocab_size != o.vocab_size:
+                return f"worker's vocabulary has {hello.vocab_size} tokens, the stack's {o.vocab_size}"
+            if hello.block_size != o.block_size:
+                return f"worker's KV block size is {hello.block_size}, the stack's {o.block_size}"
+            if hello.kv_layout is not None and o.kv_layout is not None and hello.kv_layout != o.kv_layout:
+                return f"worker's KV layout {hello.kv_layout} differs from the stack's {o.kv_layout}"
+        return ""
+
+    def drain(self, slot: WorkerSlot, now: float) -> Effects:
+        """SIGTERM at a worker: no new work; waiting requests move now, running ones finish
+        there until `drain_timeout`, then whatever is left moves too."""
+        effects = Effects()
+        if slot.state != READY:
+            return effects
+        slot.state = DRAINING
+        slot.drain_deadline = now + self.sched.drain_timeout
+        if any(s.is_ready for s in self.workers.values()):
+            for req in slot.scheduler.take_waiting():
+                self._migrate(req, f"worker {slot.worker_id} is draining", now, effects)
+        self._finish_drains(effects)
+        effects.plan(slot)
+        return effects
+
+    def worker_lost(self, slot: WorkerSlot, why: str, now: float) -> Effects:
+        """The worker died or was declared dead: release its transfers, move its requests."""
+        effects = Effects()
+        if slot.state == DEAD:
+            return effects
+        slot.state = DEAD
+        slot.inflight.clear()
+        for t in [t for t in self.transfers.values() if slot in (t.src, t.dst)]:
+            self._end_transfer(t, effects, f"worker {slot.worker_id} {why}", now)
+        self.pending_handoffs = [(s, r) for s, r in self.pending_handoffs if s is not slot]
+        for req in slot.scheduler.take_all():
+            self.where.pop(req.request_id, None)
+            self._migrate(req, f"worker {slot.worker_id} {why}", now, effects)
+        self._depart(slot, DEAD)
+        return effects
+
+    def _depart(self, slot: WorkerSlot, state: str) -> None:
+        if self.workers.get(slot.worker_id) is slot:
+            del self.workers[slot.worker_id]
+        for name in self.departed_counts:
+            self.departed_counts[name] += getattr(slot.scheduler, name)
+        info = slot.info()
+        info.state = state
+        self.departed.append(info)
+
+    # ------------------------------------------------------------------ requests
+
+    def add(self, msg: AddRequest, now: float) -> WorkerSlot:
+        """Route and queue a new request; raises NoWorkerReady, RequestRejected or QueueFull."""
+        route = choose_route(list(self.workers.values()), self._hashes(msg.prompt_token_ids),
+                             len(msg.prompt_token_ids), self.sched.max_local_prefill_tokens)
+        if route is None:
+            raise NoWorkerReady("no model worker is ready")
+        req = route.slot.scheduler.add_request(msg, prefill_only=route.split)
+        self.requests[req.request_id] = req
+        self.where[req.request_id] = route.slot
+        return route.slot
+
+    def abort(self, request_ids: list[str], reason: FinishReason, now: float, error: str = "") -> Effects:
+        """End these requests wherever they are (mid-transfer too); unknown ids are ignored."""
+        effects = Effects()
+        for rid in request_ids:
+            slot = self.where.get(rid)
+            if slot is None:
+                continue
+            tid = self.transfer_of.get(rid)
+            if tid is not None:
+                t = self.transfers.pop(tid)
+                self._unlink(t)
+                effects.messages.append((t.dst, KVCancel(tid)))
+                t.dst.scheduler.cancel_incoming(rid)
+                effects.plan(t.dst)
+            self.pending_handoffs = [(s, r) for s, r in self.pending_handoffs if r.request_id != rid]
+            outs = slot.scheduler.abort([rid], reason)
+            for out in outs:
+                out.error = error
+            self._note_outputs(outs, now, effects)
+            effects.plan(slot)
+        self._finish_drains(effects)
+        return effects
+
+    def plans(self, slot: WorkerSlot, pipeline: bool, now: float) -> list[StepPlan]:
+        """The plans to send the worker now (see WorkerSlot.next_plan); stamps first scheduling."""
+        plans = []
+        while (plan := slot.next_plan(pipeline)) is not None:
+            for seq in plan.new_seqs:
+                req = self.requests.get(seq.request_id)
+                if req is not None and not req.first_scheduled_at:
+                    req.first_scheduled_at = now
+            plans.append(plan)
+        return plans
+
+    def on_result(self, slot: WorkerSlot, result: StepResult, now: float) -> Effects:
+        effects = Effects()
+        slot.complete(result.step_id)
+        slot.num_steps += 1
+        slot.busy_seconds += result.execute_seconds
+        outs = slot.scheduler.update(result)
+        self.pending_handoffs += [(slot, req) for req in slot.scheduler.take_handoffs()]
+        effects.plan(slot)
+        self._start_handoffs(now, effects)
+        self._note_outputs(outs, now, effects)
+        self._finish_drains(effects)
+        return effects
+
+    def on_step_error(self, slot: WorkerSlot, msg: WorkerError, now: float) -> Effects:
+        effects = Effects()
+        plan = slot.complete(msg.step_id)
+        if plan is not None:
+            outs = slot.scheduler.fail_step(plan, f"worker {msg.worker_id}: {msg.message}")
+            self._note_outputs(outs, now, effects)
+        effects.plan(slot)
+        self._finish_drains(effects)
+        return effects
+
+    def _note_outputs(self, outs: list[RequestOutput], now: float, effects: Effects) -> None:
+        """Stamp first-token and queue times, record phases of finished requests, forget them."""
+        for out in outs:
+            req = self.requests.get(out.request_id)
+            if req is None:
+                continue
+            if out.new_token_ids and not req.first_token_at:
+                req.first_token_at = now
+                if req.first_scheduled_at:
+                    out.queue_seconds = max(0.0, req.first_scheduled_at - req.arrival_time)
+            if out.finish_reason is not None:
+                if req.first_token_at:
+                    self.finished_phases.append(_phases(req, now))
+                del self.requests[out.request_id]
+                self.where.pop(out.request_id, None)
+        effects.outputs.extend(outs)
+
+    # ------------------------------------------------------------------ migration
+
+    def _migrate(self, req: Request, why: str, now: float, effects: Effects, counts: bool = True) -> None:
+        """Recompute `req` (prompt + outputs so far) on another worker, or fail it clearly.
+
+        `counts`: a move forced by a fault (not a plain change of plan) counts toward
+        MAX_MIGRATIONS and the migrations metric."""
+        rid = req.request_id
+        self.where.pop(rid, None)
+        if counts:
+            req.num_migrations += 1
+            self.num_migrations += 1
+        route = None
+        if req.num_migrations <= MAX_MIGRATIONS:
+            route = choose_route(list(self.workers.values()), self._hashes(req.token_ids),
+                                 req.num_tokens, self.sched.max_local_prefill_tokens)
+        if route is not None:
+            try:
+                route.slot.scheduler.adopt(req, prefill_only=route.split)
+            except RequestRejected as exc:
+                why = f"{why}; {exc}"
+            else:
+                self.where[rid] = route.slot
+                effects.plan(route.slot)
+                return
+        what = "moved too often" if req.num_migrations > MAX_MIGRATIONS else "no worker can take it"
+        req.finish_reason = FinishReason.ERROR
+        out = RequestOutput(rid, [], FinishReason.ERROR, num_prompt_tokens=req.num_prompt_tokens,
+                            num_cached_tokens=max(req.num_cached_tokens, 0),
+                            error=f"{why}; the request was lost ({what})")
+        self._note_outputs([out], now, effects)
+
+    # ------------------------------------------------------------------ KV transfers
+
+    def _start_handoffs(self, now: float, effects: Effects) -> None:
+        """Find decode workers for prefilled requests and order their KV transfers."""
+        waiting = []
+        for src, req in self.pending_handoffs:
+            rid = req.request_id
+            if src.scheduler.outgoing.get(rid) is not req:
+                continue  # aborted meanwhile
+            workers = [s for s in self.workers.values() if s is not src]
+            if not decode_targets(workers):
+                src.scheduler.release_outgoing(rid)  # nowhere to decode: recompute where it can
+                self._migrate(req, "no decode worker is ready", now, effects, counts=False)
+                effects.plan(src)
+                continue
+            reserved = None
+            for dst in decode_ranking(workers, self._hashes(req.token_ids), req.num_tokens - 1):
+                reserved = dst.scheduler.reserve_incoming(req)
+                if reserved is not None:
+                    break
+            if reserved is None:
+                waiting.append((src, req))  # retried when blocks or sequence slots free up
+                continue
+            first, dst_ids = reserved
+            src_ids = src.kv.block_ids(rid)[first : first + len(dst_ids)]
+            if not dst_ids:  # the destination caches the whole prefix: nothing to copy
+                self._complete_handoff(src, dst, req, effects)
+                continue
+            tid = next(self._transfer_ids)
+            t = Transfer(tid, req, src, dst, src_ids, dst_ids, self._transport(src, dst), now,
+                         now + self.sched.kv_transfer_timeout + 1.0)
+            self.transfers[tid] = t
+            self.transfer_of[rid] = tid
+            src.transfers_out += 1
+            dst.transfers_in += 1
+            effects.messages.append((dst, self._pull_order(t)))
+        self.pending_handoffs = waiting
+
+    def _pull_order(self, t: Transfer) -> KVPull:
+        return KVPull(t.transfer_id, t.request.request_id, t.src.worker_id, t.src.hello.kv_address,
+                      t.src_block_ids, t.dst_block_ids, t.transport, self.sched.kv_transfer_timeout)
+
+    def _transport(self, src: WorkerSlot, dst: WorkerSlot) -> str:
+        """cuda-ipc between CUDA workers of one host unless it failed for this pair; else zmq."""
+        same_node = src.hello.node_id and src.hello.node_id == dst.hello.node_id
+        both = "cuda-ipc" in src.hello.transports and "cuda-ipc" in dst.hello.transports
+        if same_node and both and (src.worker_id, dst.worker_id) not in self.no_cuda_ipc:
+            return "cuda-ipc"
+        return "zmq"
+
+    def on_pull_done(self, msg: KVPullDone, now: float) -> Effects:
+        effects = Effects()
+        t = self.transfers.get(msg.transfer_id)
+        if t is None:
+            return effects  # cancelled or timed out already
+        self.finished_transfers.append(TransferRecord(t.transport, msg.num_bytes,
+                                                      msg.seconds or now - t.started, msg.ok))
+        if msg.ok:
+            del self.transfers[msg.transfer_id]
+            self._unlink(t)
+            t.request.transfer_seconds += now - t.started
+            t.dst.transfers_done += 1
+            t.dst.transfer_bytes += msg.num_bytes
+            self._complete_handoff(t.src, t.dst, t.request, effects)
+        elif t.transport == "cuda-ipc":  # same blocks, the portable path
+            self.no_cuda_ipc.add((t.src.worker_id, t.dst.worker_id))
+            del self.transfers[msg.transfer_id]
+            t.transfer_id, t.transport = next(self._transfer_ids), "zmq"
+            t.deadline = now + self.sched.kv_transfer_timeout + 1.0
+            self.transfers[t.transfer_id] = t
+            self.transfer_of[t.request.request_id] = t.transfer_id
+            effects.messages.append((t.dst, self._pull_order(t)))
+        else:
+            self._end_transfer(t, effects, f"KV transfer failed ({msg.error})", now)
+        self._finish_drains(effects)
+        return effects
+
+    def _complete_handoff(self, src: WorkerSlot, dst: WorkerSlot, req: Request, effects: Effects) -> None:
+        rid = req.request_id
+        src.scheduler.release_outgoing(rid)
+        dst.scheduler.activate_incoming(rid)
+        self.where[rid] = dst
+        effects.plan(src)
+        effects.plan(dst)
+
+    def _end_transfer(self, t: Transfer, effects: Effects, why: str, now: float) -> None:
+        """Release both sides of a transfer that will not complete and recompute its request.
+
+        A live destination is told to stop (KVCancel), so it never writes the blocks again."""
+        self.transfers.pop(t.transfer_id, None)
+        self._unlink(t)
+        rid = t.request.request_id
+        if rid in t.dst.scheduler.incoming:
+            if t.dst.state != DEAD:
+                effects.messages.append((t.dst, KVCancel(t.transfer_id)))
+            t.dst.scheduler.cancel_incoming(rid)
+            effects.plan(t.dst)
+        if rid in t.src.scheduler.outgoing:
+            t.src.scheduler.release_outgoing(rid)
+            effects.plan(t.src)
+        self._migrate(t.request, why, now, effects)
+
+    def _unlink(self, t: Transfer) -> None:
+        self.transfer_of.pop(t.request.request_id, None)
+        t.src.transfers_out -= 1
+        t.dst.transfers_in -= 1
+
+    # ------------------------------------------------------------------ time
+
+    def expire(self, now: float) -> Effects:
+        """Transfers past their deadline and drains past theirs; retry handoffs that waited."""
+        effects = Effects()
+        for t in [t for t in self.transfers.values() if now > t.deadline]:
+            self._end_transfer(t, effects, "KV transfer timed out", now)
+            self.finished_transfers.append(TransferRecord(t.transport, 0, now - t.started, False))
+        for slot in [s for s in self.workers.values() if s.state == DRAINING and now > s.drain_deadline]:
+            for t in [t for t in self.transfers.values() if slot in (t.src, t.dst)]:
+                self._end_transfer(t, effects, f"worker {slot.worker_id} drained", now)
+            self.pending_handoffs = [(s, r) for s, r in self.pending_handoffs if s is not slot]
+            for req in slot.scheduler.take_all():
+                self.where.pop(req.request_id, None)
+                self._migrate(req, f"worker {slot.worker_id} drained before the request finished", now, effects)
+            effects.plan(slot)
+        self._start_handoffs(now, effects)
+        self._finish_drains(effects)
+        return effects
+
+    def _finish_drains(self, effects: Effects) -> None:
+        for slot in [s for s in self.workers.values() if s.state == DRAINING]:
+            idle = not slot.inflight and not slot.transfers_in and not slot.transfers_out
+            if idle and slot.scheduler.is_empty and not any(s is slot for s, _ in self.pending_handoffs):
+                effects.messages.append((slot, Shutdown("drained")))
+                self._depart(slot, "drained")
+
+    # ------------------------------------------------------------------ checks
+
+    def _hashes(self, token_ids: list[int]) -> list[BlockHash]:
+        slot = next(iter(self.workers.values()), None)
+        hashes: list[BlockHash] = []
+        if slot is not None and self.cache.enable_prefix_caching:
+            extend_block_hashes(hashes, token_ids, slot.kv.block_size, len(token_ids))
+        return hashes
+
+    def check_integrity(self) -> None:
+        """Every worker's accounting is sound and every request is where the maps say."""
+        self.integrity_checks += 1
+        held: dict[str, WorkerSlot] = {}
+        for slot in self.workers.values():
+            slot.scheduler.check_integrity()
+            for rid in slot.scheduler.requests:
+                if rid in slot.scheduler.incoming:
+                    continue
+                assert rid not in held, f"{rid} is held by {held[rid].worker_id} and {slot.worker_id}"
+                held[rid] = slot
+        assert held.keys() == self.where.keys(), (
+            f"requests held {sorted(held)} != requests placed {sorted(self.where)}")
+        for rid, slot in held.items():
+            assert self.where[rid] is slot, f"{rid} is on {slot.worker_id}, placed on {self.where[rid].worker_id}"
+        assert held.keys() == self.requests.keys(), "live requests != requests on workers"
+        for tid, t in self.transfers.items():
+            rid = t.request.request_id
+            assert self.transfer_of.get(rid) == tid, f"transfer {tid} of {rid} is not linked"
+            assert t.src.scheduler.outgoing.get(rid) is t.request, f"{rid} not outgoing on {t.src.worker_id}"
+            assert t.dst.scheduler.incoming.get(rid) is t.request, f"{rid} not incoming on {t.dst.worker_id}"
+            assert len(t.src_block_ids) == len(t.dst_block_ids) > 0
+        for slot in self.workers.values():
+            outs = sum(1 for t in self.transfers.values() if t.src is slot)
+            ins = sum(1 for t in self.transfers.values() if t.dst is slot)
+            assert (slot.transfers_out, slot.transfers_in) == (outs, ins), f"{slot.worker_id} transfer counts"
+            assert len(slot.scheduler.incoming) == ins, f"{slot.worker_id}: reservations without transfers"
+            assert len(slot.scheduler.outgoing) == outs + sum(1 for s, _ in self.pending_handoffs if s is slot), (
+                f"{slot.worker_id}: outgoing requests without a transfer or a pending handoff")
+
+    def total(self, name: str) -> int:
+        """A cumulative counter of every worker's policy, including workers that have left."""
+        return self.departed_counts[name] + sum(getattr(s.scheduler, name) for s in self.workers.values())
+
+    def infos(self) -> list[WorkerInfo]:
+        """Registered workers, then those that left (dead or drained) unless they came back."""
+        return [s.info() for s in self.workers.values()] + [
+            i for i in self.departed if i.worker_id not in self.workers]
+
+
+def _phases(req: Request, now: float) -> RequestPhases:
+    queue = max(0.0, req.first_scheduled_at - req.arrival_time) if req.first_scheduled_at else 0.0
+    prefill = max(0.0, req.first_token_at - req.first_scheduled_at) if req.first_scheduled_at else 0.0
+    decode = max(0.0, now - req.first_token_at - req.transfer_seconds)
+    return RequestPhases(queue, prefill, req.transfer_seconds, decode, disaggregated=req.transfer_seconds > 0)
