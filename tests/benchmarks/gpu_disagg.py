@@ -40,7 +40,7 @@ def start(model_dir: Path, run_dir: Path, log: Path, *flags: str) -> tuple[subpr
     port = free_port()
     cmd = [sys.executable, "-m", "pdserve.cli", "--log-level", "INFO", "up", "--model", str(model_dir),
            "--port", str(port), "--run-dir", str(run_dir), "--device", DEVICE, "--load-format", "dummy",
-           "--seed", "7", *flags]
+           "--seed", "7", "--served-model-name", "m", *flags]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
@@ -102,6 +102,7 @@ def main() -> int:
                           "--num-kv-blocks", "2048", "--check-integrity-interval", "1", *flags)
         try:
             texts[name] = completions(url, prompts, 32)
+            time.sleep(1.2)  # /workers and /metrics follow the scheduler's stats, twice a second
             report[f"{name}_workers"] = httpx.get(f"{url}/workers").json()
             metrics = httpx.get(f"{url}/metrics").text
             report[f"{name}_integrity_failures"] = [l for l in metrics.splitlines()
