@@ -45,12 +45,14 @@ def run_layout(name: str, flags: list[str], args, out: Path) -> list[dict]:
         bench = [sys.executable, "-m", "pdserve.cli", "bench", "--base-url", url, "--endpoint", "completions",
                  "--random-input-len", "512", "--random-output-len", "64", "--ignore-eos", "--temperature", "0",
                  "--slo", args.slo]
-        subprocess.run([*bench, "--num-prompts", "4", "--output-json", str(out / f"warmup-{slug}.json")],
-                       check=True, capture_output=True)
-        for rate in args.rates:
+        subprocess.run([*bench, "--num-prompts", "4", "--seed", "1000",
+                        "--output-json", str(out / f"warmup-{slug}.json")], check=True, capture_output=True)
+        for i, rate in enumerate(args.rates):
+            # One seed per rate, the same in every layout: each point sees new prompts (no prefix
+            # cache hits from an earlier point) and every layout sees the same ones.
             result = out / f"bench-{slug}-rate{rate}.json"
             done = subprocess.run([*bench, "--num-prompts", str(args.num_prompts), "--request-rate", str(rate),
-                                   "--seed", "1", "--output-json", str(result)], capture_output=True, text=True)
+                                   "--seed", str(i + 1), "--output-json", str(result)], capture_output=True, text=True)
             print(done.stdout, flush=True)
             summary = json.loads(result.read_text())["summary"]
             rows.append({"layout": name, "rate": rate, **summary})
