@@ -53,7 +53,8 @@ from protocol.messages import (
     WorkerUnknown,
 )
 from protocol.sockets import PullSocket, PushSocket, RouterSocket
-from scheduler_svc.central import CentralScheduler, Effects, NoWorkerReady
+from scheduler_svc.central import CentralScheduler, NoWorkerReady
+from scheduler_svc.effects import Effects
 from scheduler_svc.worker_scheduler import QueueFull, RequestRejected
 from scheduler_svc.worker_slot import DEAD, READY, WorkerSlot
 

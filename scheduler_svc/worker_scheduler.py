@@ -36,22 +36,15 @@ from protocol.messages import (
 )
 from scheduler_svc.kv_cache_manager import KVCacheManager
 from scheduler_svc.request import Request, RequestStatus
+from scheduler_svc.request_moves import RequestMoves, RequestRejected
 from scheduler_svc.stop_checker import check_stop
-
-
-class RequestRejected(ValueError):
-    """A request that can never run here (too long, bad parameters); `param` names the cause."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 class QueueFull(RuntimeError):
     """The waiting queue is at --max-waiting-requests; the caller should retry later."""
 
 
-class WorkerScheduler:
+class WorkerScheduler(RequestMoves):
     def __init__(
         self,
         settings: SchedulerSettings,
@@ -126,47 +119,6 @@ class WorkerScheduler:
         self._insert(self.waiting, req)
         return req
 
-    def adopt(self, req: Request, prefill_only: bool = False) -> None:
-        """Take over a request from another worker, to be recomputed here from its tokens.
-
-        Like a preempted request: prompt plus outputs so far are prefilled again, and sampling
-        continues at the next output index with the same seed, so the stream neither repeats
-        nor skips a token. The waiting-queue bound does not apply: the request was admitted.
-        """
-        if req.request_id in self.requests:
-            raise ValueError(f"request {req.request_id!r} is already on this worker")
-        if req.num_tokens >= self.max_model_len:
-            raise RequestRejected(
-                f"the request has {req.num_tokens} tokens, more than this worker's context "
-                f"({self.max_model_len}) can hold with one more", "prompt")
-        self._order += 1
-        req.order = self._order
-        req.status = RequestStatus.PREEMPTED
-        req.num_computed_tokens = 0
-        req.num_inflight_samples = 0
-        req.on_worker = False
-        req.prefill_only = prefill_only
-        self.requests[req.request_id] = req
-        self._insert(self.waiting, req)
-
-    def take_all(self) -> list[Request]:
-        """Every request here, removed with its blocks freed (the worker died or drains). Blocks
-        reserved for KV still being copied in were never offered to the prefix cache."""
-        taken = []
-        for req in [*self.running, *self.waiting, *self.outgoing.values(), *self.incoming.values()]:
-            self._detach(req)
-            self.kv.free(req.request_id)
-            taken.append(req)
-        return taken
-
-    def take_waiting(self) -> list[Request]:
-        """Requests that have not started here (no blocks held), removed for another worker."""
-        taken = [r for r in self.waiting if not self.kv.block_ids(r.request_id)]
-        for req in taken:
-            self._detach(req)
-            self.kv.free(req.request_id)
-        return taken
-
     def _detach(self, req: Request) -> None:
         """Remove a live request from this worker's queues and records (its blocks are the
         caller's to free); the worker is told to forget it if it holds it."""
@@ -175,61 +127,6 @@ class WorkerScheduler:
             self._worker_forget.append(req.request_id)
             req.on_worker = False
         del self.requests[req.request_id]
-
-    # ------------------------------------------------------------------ KV transfers
-
-    def release_outgoing(self, request_id: str) -> Request:
-        """The decode side has the KV (or gave up): free the blocks, which stay in the prefix cache."""
-        req = self.outgoing[request_id]
-        self._detach(req)
-        self.kv.free(request_id)
-        return req
-
-    def reserve_incoming(self, req: Request) -> tuple[int, list[int]] | None:
-        """Reserve blocks for a prefilled request's KV; None (nothing changed) if they don't fit.
-
-        The request's last token has no KV yet; the tokens before it do, on the source worker.
-        Blocks this worker already caches for that prefix are reused; the rest are new and not
-        offered to the prefix cache until `activate_incoming`, since their KV has not arrived.
-        Returns (index of the first block to copy, destination block ids to copy into); the
-        source's blocks at the same table indices are the ones to read.
-        """
-        rid = req.request_id
-        if rid in self.requests:
-            raise ValueError(f"request {rid!r} is already on this worker")
-        num_kv = req.num_tokens - 1
-        if req.num_tokens >= self.max_model_len or len(self.running) + len(self.incoming) >= self.settings.max_num_seqs:
-            return None
-        hits, num_hit = self.kv.get_computed_blocks(rid, req.token_ids)
-        blocks = self.kv.allocate_slots(rid, req.token_ids, req.num_tokens - num_hit, num_hit, hits,
-                                        cache_blocks=False)
-        if blocks is None:
-            self.kv.free(rid)
-            return None
-        bs = self.kv.block_size
-        first, end = len(hits), -(-num_kv // bs)
-        req.prefill_only = False  # stays OUTGOING (for its source) until activate_incoming
-        self.requests[rid] = req
-        self.incoming[rid] = req
-        return first, self.kv.block_ids(rid)[first:end]
-
-    def activate_incoming(self, request_id: str) -> None:
-        """The KV arrived: offer its full blocks to the prefix cache and decode from here."""
-        req = self.incoming.pop(request_id)
-        num_kv = req.num_tokens - 1
-        self.kv.cache_blocks(request_id, req.token_ids, num_kv)
-        req.num_computed_tokens = num_kv
-        req.status = RequestStatus.RUNNING
-        self._order += 1
-        req.order = self._order
-        self._insert(self.running, req)
-
-    def cancel_incoming(self, request_id: str) -> Request:
-        """The copy failed or its source went away: unreserve (no uncopied block is cached)."""
-        req = self.incoming[request_id]
-        self._detach(req)
-        self.kv.free(request_id)
-        return req
 
     def abort(self, request_ids: list[str], reason: FinishReason = FinishReason.ABORT) -> list[RequestOutput]:
         """End these requests now and free their blocks; unknown ids are ignored."""
@@ -406,20 +303,6 @@ class WorkerScheduler:
                 self._hand_off(req)
             outputs.append(self._output(req, [token], logprobs))
         return outputs
-
-    def _hand_off(self, req: Request) -> None:
-        """Prefill done and the first token out: keep the blocks for a transfer, stop here."""
-        self.running.remove(req)
-        req.status = RequestStatus.OUTGOING
-        self.outgoing[req.request_id] = req
-        self.handoffs.append(req)
-        if req.on_worker:
-            self._worker_forget.append(req.request_id)
-            req.on_worker = False
-
-    def take_handoffs(self) -> list[Request]:
-        handoffs, self.handoffs = self.handoffs, []
-        return handoffs
 
     def fail_step(self, plan: StepPlan, message: str) -> list[RequestOutput]:
         """A worker could not run `plan`: end its requests with an error, keep serving others."""

@@ -31,7 +31,8 @@ from protocol.messages import (
     WorkerRole,
 )
 from protocol.sampling import SamplingParams
-from scheduler_svc.central import CentralScheduler, Effects
+from scheduler_svc.central import CentralScheduler
+from scheduler_svc.effects import Effects
 from tests.scheduler_harness import BS, VOCAB
 
 LAYOUT = KVLayout(2, 1, 4, "float32", BS)
