@@ -364,6 +364,42 @@ def test_write_gate_close_waits_for_the_write_in_progress() -> None:
     assert log == ["write", "closed"] and not gate.is_open
 
 
+class SlowDeviceWork:
+    """Stands for a CUDA event of a copy still running: synchronize() blocks until released."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+        self.waiting = threading.Event()
+        self.release = threading.Event()
+
+    def synchronize(self) -> None:
+        self.waiting.set()
+        assert self.release.wait(TIMEOUT_S)
+        self.log.append("device work done")
+
+
+def test_write_gate_close_waits_for_device_work_a_write_left_running() -> None:
+    """A cuda-ipc write returns once its copy is queued; close() (cancel) must still return only
+    after that copy is done, also when a second close() comes from another thread meanwhile."""
+    gate = WriteGate()
+    log: list[str] = []
+    work = SlowDeviceWork(log)
+    assert gate.run(lambda: (log.append("queued"), work)[1]) is True
+    assert log == ["queued"]  # run() returned without waiting for the device
+    closers = [threading.Thread(target=lambda: (gate.close(), log.append("closed"))) for _ in range(2)]
+    closers[0].start()
+    assert work.waiting.wait(TIMEOUT_S)
+    closers[1].start()
+    time.sleep(0.05)
+    assert log == ["queued"]  # neither close() has returned while the copy runs
+    work.release.set()
+    for closer in closers:
+        closer.join(TIMEOUT_S)
+    assert log == ["queued", "device work done", "closed", "closed"]
+    assert gate.run(lambda: log.append("late")) is False
+    assert "late" not in log
+
+
 def test_cancelling_the_awaiting_task_also_stops_the_writes(tmp_path: Path) -> None:
     """A worker shutting down cancels its pulls' tasks: that propagates, and writes stop too."""
     src, dst = make_cache(32, seed=14), make_cache(32, seed=15)

@@ -3,9 +3,11 @@
 The destination drives every transfer (pull model). `pull()` turns one KVPull into exactly one
 KVPullDone and never raises for anything a peer or the order did wrong. Over zmq it keeps a few
 chunk fetches outstanding, so the source gathers the next chunk while this side writes the last
-one; over cuda-ipc it maps the source's cache once per source and copies on the device. Writes run
-on a worker thread (torch releases the GIL) behind the transfer's WriteGate, which is what lets
-`cancel()` promise that no write of that transfer happens after it returns.
+one; over cuda-ipc it maps the source's cache once per source and copies on the device with one
+kernel (block_copy). zmq writes run on a worker thread (torch releases the GIL); a cuda-ipc copy is
+launched from the event loop's thread and its completion event waited for (on the loop for a
+small copy, on the worker thread for a large one). Both run behind the transfer's WriteGate, which
+is what lets `cancel()` promise that no write of that transfer happens after it returns.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import torch
 import zmq
 import zmq.asyncio
 
+from gpu_worker.kv_transfer.block_copy import AUTO, TORCH, copy_blocks
+from gpu_worker.kv_transfer.block_copy import prepare as prepare_copy
 from gpu_worker.kv_transfer.cuda_ipc import CudaIpcError, SharedCache, open_shared
 from gpu_worker.kv_transfer.source_link import SourceError, SourceLink
 from gpu_worker.kv_transfer.wire import (
@@ -39,7 +43,8 @@ log = logging.getLogger("pdserve.kv_transfer")
 ZMQ = "zmq"
 CUDA_IPC = "cuda-ipc"
 DEFAULT_CHUNK_BYTES = 4 << 20
-DEFAULT_IPC_CHUNK_BYTES = 64 << 20  # bounds the device scratch of one gather on a nearly full GPU
+DEFAULT_IPC_CHUNK_BYTES = 64 << 20  # bounds the scratch of the torch fallback's gather
+DEFAULT_IPC_INLINE_BYTES = 128 << 20  # cuda-ipc copies up to this size are waited for on the loop
 DEFAULT_MAX_INFLIGHT = 4
 
 
@@ -58,14 +63,19 @@ class KVPuller:
     """Pulls blocks into `kv_cache` ([layers, 2, blocks, block_size, kv_heads, head_dim]).
 
     `chunk_bytes`: the size of one zmq fetch (whole blocks, at least one); `max_inflight`: zmq
-    fetches outstanding per transfer; `ipc_chunk_bytes`: the size of one device-to-device copy;
+    fetches outstanding per transfer; `ipc_chunk_bytes`: the size of one device-to-device copy
+    where the torch fallback copies (the kernel needs no scratch and copies a transfer at once);
+    `ipc_inline_bytes`: a cuda-ipc copy up to this size is waited for on the event loop's thread
+    (blocking it a fraction of a millisecond beats two thread wake-ups), a larger one on the pull
+    thread, so the loop keeps serving;
     `node_id`: this host, sent with cuda-ipc handle requests. Use from one event loop.
     """
 
     def __init__(
         self, kv_cache: torch.Tensor, *, ctx: zmq.asyncio.Context | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_inflight: int = DEFAULT_MAX_INFLIGHT,
-        ipc_chunk_bytes: int = DEFAULT_IPC_CHUNK_BYTES, node_id: str = "",
+        ipc_chunk_bytes: int = DEFAULT_IPC_CHUNK_BYTES, ipc_inline_bytes: int = DEFAULT_IPC_INLINE_BYTES,
+        node_id: str = "",
     ) -> None:
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be at least 1, got {max_inflight}")
@@ -73,6 +83,7 @@ class KVPuller:
         self.chunk_bytes = chunk_bytes
         self.max_inflight = max_inflight
         self.ipc_chunk_bytes = ipc_chunk_bytes
+        self.ipc_inline_bytes = ipc_inline_bytes
         self.node_id = node_id
         self._own_ctx = ctx is None
         self._ctx = ctx if ctx is not None else zmq.asyncio.Context()
@@ -84,6 +95,7 @@ class KVPuller:
         # own OpenMP team on CPU.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kv-pull")
         self._stream = torch.cuda.Stream(kv_cache.device) if kv_cache.is_cuda else None
+        self._ipc_backend = AUTO  # block_copy's choice; torch if the kernel fails to build
 
     @property
     def transports(self) -> list[str]:
@@ -142,8 +154,8 @@ class KVPuller:
 
     def cancel(self, transfer_id: int) -> bool:
         """Stop a transfer. When this returns, none of its blocks is written again (a write in
-        progress is waited for: one zmq chunk, or a whole cuda-ipc device copy). False if no such
-        transfer runs here."""
+        progress is waited for: one zmq chunk, or a whole cuda-ipc device copy through its event).
+        False if no such transfer runs here."""
         state = self._transfers.get(transfer_id)
         if state is None:
             return False
@@ -268,31 +280,42 @@ class KVPuller:
         if bad:
             raise SourceError(f"source block ids out of range [0, {num_src}) at "
                               f"{order.src_worker_id}: {bad[:8]}")
-        copy = partial(self._copy_device, source, order.src_block_ids, order.dst_block_ids)
-        if not await asyncio.get_running_loop().run_in_executor(self._executor, gate.run, copy):
+        num_bytes = len(order.src_block_ids) * block_bytes(self.kv_cache)
+        launched: list[torch.cuda.Event] = []
+
+        def launch() -> torch.cuda.Event:
+            launched.append(self._launch_copy(source, order.src_block_ids, order.dst_block_ids))
+            return launched[0]
+
+        # Queued from this thread (a few launches, no wait); the gate keeps the event, so a
+        # cancel() from now on returns only once the copy is done.
+        if not gate.run(launch):
             raise _Cancelled()
-        return len(order.src_block_ids) * block_bytes(self.kv_cache)
+        if num_bytes <= self.ipc_inline_bytes:
+            launched[0].synchronize()  # a fraction of a millisecond: less than a thread hop costs
+        else:  # wait off the loop; the GPU has been copying since the launch
+            await asyncio.get_running_loop().run_in_executor(self._executor, launched[0].synchronize)
+        return num_bytes
 
-    def _copy_device(self, source: torch.Tensor, src_ids: list[int], dst_ids: list[int]) -> None:
-        """kv_cache[:, :, dst_ids] = source[:, :, src_ids] on the device, complete on return.
+    def _launch_copy(self, source: torch.Tensor, src_ids: list[int], dst_ids: list[int]) -> torch.cuda.Event:
+        """Queue kv_cache[:, :, dst_ids] = source[:, :, src_ids] on the pull stream; the returned
+        event completes with the copy.
 
-        The whole transfer is one gate step: 8192 tokens of a Llama-8B-sized cache are 1 GiB,
-        about 4 GiB of memory traffic for gather plus scatter, around a millisecond on an H200;
-        cancelling between chunks would buy little, while a
-        thread hop and a synchronize per chunk would cost a large share of the copy. Chunks only
-        bound the device scratch of the gather (a nearly full GPU has little to spare); the
-        allocator reuses one chunk's scratch for the next, in stream order.
+        The Triton kernel (block_copy) reads each block once from the source and writes it once
+        here, with no scratch and the id lists in one pinned upload; where it cannot run, the
+        torch gather and scatter run in `ipc_chunk_bytes` pieces, which bound their device
+        scratch (a nearly full GPU has little to spare). The whole transfer is one gate step:
+        8192 tokens of a Llama-8B-sized cache are 1 GiB, about a millisecond of copying on an
+        H200, so cancelling between pieces would buy little.
         """
-        device = self.kv_cache.device
         assert self._stream is not None
         per = blocks_per_chunk(self.kv_cache, self.ipc_chunk_bytes)
         with torch.cuda.stream(self._stream):
-            s_all = torch.tensor(src_ids, dtype=torch.long).to(device)
-            d_all = torch.tensor(dst_ids, dtype=torch.long).to(device)
-            for i in range(0, len(src_ids), per):
-                s, d = s_all[i:i + per], d_all[i:i + per]
-                self.kv_cache.index_copy_(2, d, source.index_select(2, s))
-        self._stream.synchronize()
+            copy_blocks(source, self.kv_cache, src_ids, dst_ids, backend=self._ipc_backend,
+                        max_chunk_blocks=per)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        return done
 
     async def _ipc_source(self, order: KVPull) -> torch.Tensor:
         """The source's cache mapped here, opened once per source address."""
@@ -311,5 +334,11 @@ class KVPuller:
                                  reply.event_handle, list(reply.shape), parse_dtype(reply.dtype))
             loop = asyncio.get_running_loop()
             source = await loop.run_in_executor(self._executor, open_shared, shared, self.kv_cache.device)
+            if self._ipc_backend == AUTO:  # compile the copy kernel off the loop, once
+                try:
+                    await loop.run_in_executor(self._executor, prepare_copy, source, self.kv_cache)
+                except Exception:
+                    log.exception("the Triton KV block copy does not build here; cuda-ipc copies with torch")
+                    self._ipc_backend = TORCH
             self._ipc_sources[order.src_address] = source
             return source
