@@ -238,6 +238,16 @@ def test_a_decode_worker_started_by_hand_joins_gets_work_and_drains_on_sigterm(
     assert_settled(server)
 
 
+def test_a_worker_that_does_not_fit_the_stack_is_refused_and_exits(server, smollm2_dir):
+    env = {**os.environ, "PDSERVE_RUN_DIR": str(server.run_dir), "PDSERVE_TORCH_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "pdserve.cli", "worker", "--role", "decode", "--stage-id",
+                           "misfit", "--model", str(smollm2_dir), "--block-size", "32"],
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 2
+    assert "refused" in done.stderr and "block size is 32, the stack's 16" in done.stderr
+    assert "misfit" not in workers(server)
+
+
 def _kill_under_load(server, offline, smollm2_tokenizer, convs, max_tokens, victim_of):
     expected = expected_texts(offline, smollm2_tokenizer, convs, max_tokens)
 
