@@ -9,8 +9,8 @@ step (numpy for index arithmetic) and shared by every layer.
 
 On CPU the decode sequences can instead go to a C kernel that reads keys and values straight
 from the paged cache (gpu_worker.cpu_kernels.paged_decode): decode attention is memory-bound, and
-the gather-then-SDPA path moves the context three times. Fast fused GPU kernels (Triton) plug in
-the same way in a later issue, behind the same metadata.
+the gather-then-SDPA path moves the context three times. This module is the torch and cpu-c
+backends' metadata (gpu_worker.backends.torch_backend); the Triton backend has its own.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu_worker.cpu_kernels.paged_decode import DecodeBatch, PagedDecodeKernel
+from gpu_worker.step_inputs import TokenLayout, token_layout
 
 
 @dataclass
@@ -59,14 +60,27 @@ def build_attention_metadata(
     (the null block). Tokens of sequence s occupy a contiguous range of the packed batch.
     With `decode_kernel`, single-token sequences are left to it instead of SDPA groups.
     """
-    num_seqs = len(num_scheduled)
-    starts = np.zeros(num_seqs, dtype=np.int64)
-    np.cumsum(num_scheduled[:-1], out=starts[1:])
-    total = int(num_scheduled.sum())
-    token_seq = np.repeat(np.arange(num_seqs), num_scheduled)
-    positions = num_computed[token_seq] + (np.arange(total) - starts[token_seq])
-    slots = block_tables[token_seq, positions // block_size] * block_size + positions % block_size
+    layout = token_layout(num_computed, num_scheduled, block_tables, block_size)
+    meta = metadata_from_layout(
+        layout, num_computed, num_scheduled, block_tables, block_size, heads_per_kv,
+        sliding_window, device, decode_kernel,
+    )
+    return meta, layout.positions
 
+
+def metadata_from_layout(
+    layout: TokenLayout,
+    num_computed: np.ndarray,
+    num_scheduled: np.ndarray,
+    block_tables: np.ndarray,
+    block_size: int,
+    heads_per_kv: int,
+    sliding_window: int | None,
+    device: torch.device,
+    decode_kernel: PagedDecodeKernel | None = None,
+) -> AttentionMetadata:
+    """The SDPA groups (and the C kernel's decode batch) of a step whose layout is known."""
+    starts = layout.starts
     groups = []
     decode = np.nonzero(num_scheduled == 1)[0]
     prefill = np.nonzero(num_scheduled > 1)[0]
@@ -82,13 +96,12 @@ def build_attention_metadata(
                     heads_per_kv, sliding_window, device,
                 )
             )
-    meta = AttentionMetadata(
-        slot_mapping=torch.from_numpy(slots).to(device, non_blocking=True),
+    return AttentionMetadata(
+        slot_mapping=torch.from_numpy(layout.slot_mapping).to(device, non_blocking=True),
         groups=groups,
-        num_tokens=total,
+        num_tokens=len(layout.positions),
         decode=decode_batch,
     )
-    return meta, positions
 
 
 def bucket_by_cost(

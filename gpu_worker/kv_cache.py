@@ -47,6 +47,26 @@ def available_memory(device: torch.device) -> tuple[int, int]:
     return info.get("MemAvailable", info.get("MemFree", 0)), info["MemTotal"]
 
 
+def graph_reserve_bytes(cfg: ModelConfig, max_batch: int, dtype: torch.dtype) -> int:
+    """A bound on the CUDA-graph pool: one decode step's activations at the largest bucket, and
+    every bucket's float32 logits output (kept alive per graph; they sum to < 2x the largest)."""
+    return activation_reserve_bytes(cfg, max_batch, 0, dtype) + 2 * max_batch * cfg.vocab_size * 4
+
+
+def measure_peak_bytes(device: torch.device, run) -> int:
+    """Peak CUDA memory `run()` allocates beyond what is already allocated; its caches are
+    returned to the driver afterwards, so the free memory the cache is sized from is true."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    run()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    torch.cuda.empty_cache()
+    return int(peak)
+
+
 @dataclass
 class KVCachePlan:
     num_blocks: int
@@ -65,7 +85,9 @@ def plan_kv_cache(
 ) -> KVCachePlan:
     """How many blocks fit. Called after the weights are loaded, so they are already counted.
 
-    CUDA: utilization * total - memory already in use - reserve (vLLM's meaning).
+    CUDA: utilization * total - memory already in use - reserve (vLLM's meaning); the runner's
+    reserve there is a measured forward of a full token budget plus the sampler and the CUDA
+    graphs' pool (captured after the cache exists, so it is reserved ahead).
     CPU: utilization * available RAM - reserve (the weights are outside `available` already).
     """
     block_bytes = bytes_per_block(cfg, block_size, dtype)

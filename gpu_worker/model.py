@@ -4,32 +4,27 @@ One forward runs the packed batch of a step: every token of every scheduled sequ
 chunks and decode tokens together, as [T, hidden] tensors, so each projection is one matmul for
 the whole batch. Q/K/V and gate/up projections are fused into single weights at load time (fewer,
 larger matmuls). Arithmetic follows Hugging Face's modeling code step for step (RMSNorm in float32,
-rotate-half RoPE, residual order), which is what the greedy-equality tests check.
+rotate-half RoPE, residual order), which is what the greedy-equality tests check. Attention and
+the elementwise steps go through the worker's backend (gpu_worker.backends), which may fuse
+them: each layer hands on (MLP output, residual) and the next norm adds them, fused or not.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpu_worker.attention import AttentionMetadata, paged_attention, write_kv
+from gpu_worker.backends.base import AttentionBackend, rms_norm  # noqa: F401 (rms_norm: the tests read it here)
 from gpu_worker.linear import Linear, can_pack
 from protocol.model_files.model_config import ModelConfig
-from gpu_worker.rope import RotaryEmbedding, apply_rotary
+from gpu_worker.rope import RotaryEmbedding
 
 
 class WeightLoadError(ValueError):
     """The checkpoint does not fit the model: a missing, unexpected or misshapen tensor."""
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -60,28 +55,34 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        residual: torch.Tensor | None,
+        rot: Any,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
+        meta: Any,
+        backend: AttentionBackend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLP output, residual): their sum is the layer's output, which the next layer's (or
+        the final) norm adds up fused with the norm."""
         cfg = self.cfg
         t = x.shape[0]
-        residual = x
-        h = rms_norm(x, self.input_norm, cfg.rms_norm_eps)
+        if residual is None:
+            residual = x
+            h = backend.rms_norm(x, self.input_norm, cfg.rms_norm_eps)
+        else:
+            h, residual = backend.add_rms_norm(x, residual, self.input_norm, cfg.rms_norm_eps)
         qkv = self.qkv_op(h)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = apply_rotary(q.view(t, cfg.num_attention_heads, cfg.head_dim), cos, sin)
-        k = apply_rotary(k.view(t, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
+        q, k = backend.rotary(
+            q.view(t, cfg.num_attention_heads, cfg.head_dim),
+            k.view(t, cfg.num_key_value_heads, cfg.head_dim), rot,
+        )
         v = v.reshape(t, cfg.num_key_value_heads, cfg.head_dim)
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        attn = paged_attention(q, k_cache, v_cache, meta, self.scale)
-        x = residual + self.o_op(attn.view(t, cfg.q_size))
-        residual = x
-        h = rms_norm(x, self.post_norm, cfg.rms_norm_eps)
-        gate, up = self.gate_up_op(h).chunk(2, dim=-1)
-        return residual + self.down_op(F.silu(gate) * up)
+        backend.write_kv(k_cache, v_cache, k, v, meta)
+        attn = backend.attend(q, k_cache, v_cache, meta, self.scale)
+        o = self.o_op(attn.view(t, cfg.q_size))
+        h, residual = backend.add_rms_norm(o, residual, self.post_norm, cfg.rms_norm_eps)
+        return self.down_op(backend.silu_and_mul(self.gate_up_op(h))), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -118,21 +119,29 @@ class LlamaForCausalLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        meta: AttentionMetadata,
+        meta: Any,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-    ) -> torch.Tensor:
-        """Hidden states [T, hidden] before the final norm (computed only for sampled rows)."""
+        backend: AttentionBackend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last layer's (MLP output, residual), [T, hidden] each: the hidden state is their
+        sum, formed (with the final norm) only for the rows that are sampled."""
         x = F.embedding(input_ids, self.embed)
-        cos, sin = self.rope.lookup(positions)
+        rot = backend.rotary_inputs(self.rope, meta)
+        residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, k_cache, v_cache, meta)
-        return x
+            x, residual = layer(x, residual, rot, k_cache, v_cache, meta, backend)
+        assert residual is not None, "a model has at least one layer"
+        return x, residual
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits [N, vocab] for the rows that will be sampled."""
-        h = rms_norm(hidden, self.norm, self.cfg.rms_norm_eps)
+    def compute_logits(
+        self, x: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor | None, backend: AttentionBackend
+    ) -> torch.Tensor:
+        """float32 logits [len(rows), vocab] of the packed rows `rows` (an index on the device),
+        or of every row when `rows` is None (a CUDA-graph batch)."""
+        if rows is not None:
+            x, residual = x.index_select(0, rows), residual.index_select(0, rows)
+        h, _ = backend.add_rms_norm(x, residual, self.norm, self.cfg.rms_norm_eps)
         return self.lm_head_op(h).float()
 
     # ------------------------------------------------------------------ weights
@@ -216,12 +225,20 @@ class LlamaForCausalLM(nn.Module):
         raise WeightLoadError(f"unexpected tensor in checkpoint: {name}")
 
     def init_dummy_weights(self, seed: int) -> None:
-        """Random weights of the right shapes (benchmarks, tests): N(0, 0.02), norms 1, biases 0."""
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        """Random weights of the right shapes (benchmarks, tests): N(0, 0.02), norms 1, biases 0.
+
+        Drawn on the CPU (the same weights on every machine) for a CPU model; on CUDA drawn on
+        the device by its own generator (the same on every CUDA run of one seed, not the CPU's
+        values): a CPU draw of 8B numbers took longer than a whole benchmark.
+        """
+        device = self.embed.device
+        gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
         for name, param in self.named_parameters():
             if "norm" in name:
                 param.fill_(1.0)
             elif "bias" in name:
                 param.zero_()
+            elif device.type == "cuda":
+                param.normal_(0.0, 0.02, generator=gen)
             else:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.02)

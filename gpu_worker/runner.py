@@ -1,9 +1,11 @@
 """The model runner: turns a StepPlan into one packed forward and one batched sample.
 
 Its whole interface to the rest of pdserve is `execute(StepPlan) -> StepResult` plus the facts
-the scheduler plans with (blocks, block size, context length, vocabulary); the same interface is
-what a TensorRT backend implements later. Per step, Python touches each scheduled sequence only
-to gather its indices; the arithmetic is batched tensor work on the device.
+the scheduler plans with (blocks, block size, context length, vocabulary). Inside, a step is
+bookkeeping (the SequenceTable), packing into generic StepInputs (gpu_worker.step_inputs), one
+call of the step executor (gpu_worker.backends: torch, cpu-c or triton, with CUDA graphs for
+decode steps on triton) that returns the sampled rows' logits, and the shared sampler. Per step,
+Python touches each scheduled sequence only to gather its indices.
 """
 
 from __future__ import annotations
@@ -15,17 +17,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpu_worker.attention import build_attention_metadata
-from gpu_worker.cpu_kernels.build import KernelBuildError
-from gpu_worker.cpu_kernels.paged_decode import SUPPORTED_DTYPES, PagedDecodeKernel
-from gpu_worker.kv_cache import activation_reserve_bytes, allocate_kv_cache, plan_kv_cache
+from gpu_worker.backends.executor import EagerExecutor, StepExecutor
+from gpu_worker.backends.select import decode_kernel as _decode_kernel  # noqa: F401 (tests use it)
+from gpu_worker.backends.select import select_backend
+from gpu_worker.kv_cache import (
+    activation_reserve_bytes, allocate_kv_cache, graph_reserve_bytes, measure_peak_bytes, plan_kv_cache,
+)
 from protocol.model_files.model_source import resolve_model
 from gpu_worker.loading.weights import iter_safetensors_weights
 from gpu_worker.model import LlamaForCausalLM
 from protocol.model_files.model_config import ModelConfig
 from gpu_worker.sampler import sample
 from gpu_worker.sampling_batch import SamplingBatch, SamplingRow
-from gpu_worker.seq_state import ScheduledSeq, SeqState, SequenceTable
+from gpu_worker.seq_state import SeqState, SequenceTable
+from gpu_worker.step_inputs import build_step_inputs, step_inputs_from_arrays
 from protocol.config import CacheSettings, ConfigError, ModelSettings
 from protocol.messages import StepPlan, StepResult, TokenLogprobs
 
@@ -79,10 +84,13 @@ class ModelRunner:
         else:
             self.model.load_weights(iter_safetensors_weights(self.hf_dir))
         self.model.prepare()
+        self.backend = select_backend(model_settings, cfg, self.device, self.dtype)
+        graph_sizes = self._graph_sizes(model_settings, max_num_seqs)
+        reserve = 0 if cache_settings.num_kv_blocks is not None else self._reserve_bytes(
+            max_num_batched_tokens, max_num_seqs, graph_sizes)
         plan = plan_kv_cache(
             cfg, self.device, self.dtype, self.block_size,
-            cache_settings.memory_utilization, cache_settings.num_kv_blocks,
-            activation_reserve_bytes(cfg, max_num_batched_tokens, max_num_seqs, self.dtype),
+            cache_settings.memory_utilization, cache_settings.num_kv_blocks, reserve,
         )
         self.num_kv_blocks = plan.num_blocks
         self.max_model_len = min(self.max_model_len, (plan.num_blocks - 1) * self.block_size)
@@ -90,12 +98,62 @@ class ModelRunner:
             cfg, plan.num_blocks, self.block_size, self.device, self.dtype
         )
         self.seqs = SequenceTable(self.block_size)
-        self.decode_kernel = _decode_kernel(model_settings, self.device, self.dtype, cfg.sliding_window)
+        self.executor: StepExecutor = EagerExecutor(self.model, self.backend, self.kv_caches, self.device)
+        graph_note = ""
+        if graph_sizes:
+            from gpu_worker.backends.cuda_graphs import CudaGraphExecutor
+
+            graphs = CudaGraphExecutor(
+                self.executor, graph_sizes, -(-self.max_model_len // self.block_size), self.max_model_len,
+            )
+            before = torch.cuda.memory_reserved(self.device)
+            seconds = graphs.capture()
+            self.executor = graphs
+            graph_note = (f"; {len(graph_sizes)} CUDA graphs (batch {graph_sizes[0]}..{graph_sizes[-1]}) "
+                          f"in {seconds:.1f} s, "
+                          f"{(torch.cuda.memory_reserved(self.device) - before) / 2**20:.0f} MiB")
         log.info(
-            "model %s on %s/%s: %d KV blocks of %d tokens (%.0f MiB)",
-            self.hf_dir.name, self.device, self.dtype, plan.num_blocks, self.block_size,
-            plan.num_blocks * plan.block_bytes / 2**20,
+            "model %s on %s/%s, %s backend: %d KV blocks of %d tokens (%.0f MiB, %d tokens)%s",
+            self.hf_dir.name, self.device, self.dtype, self.backend.name, plan.num_blocks,
+            self.block_size, plan.num_blocks * plan.block_bytes / 2**20,
+            plan.num_blocks * self.block_size, graph_note,
         )
+
+    def _graph_sizes(self, settings: ModelSettings, max_num_seqs: int) -> list[int]:
+        """Decode batch sizes to capture: none unless CUDA, a graph-capable backend, not eager."""
+        if self.device.type != "cuda" or settings.enforce_eager or not self.backend.supports_cuda_graphs:
+            return []
+        from gpu_worker.backends.graph_layout import graph_batch_sizes
+
+        return graph_batch_sizes(max_num_seqs)
+
+    def _reserve_bytes(self, max_tokens: int, max_seqs: int, graph_sizes: list[int]) -> int:
+        """Memory kept free of the KV cache. CPU: the fixed bound (as always). CUDA: a measured
+        forward of a full token budget, the sampler's buffers and the graphs' pool."""
+        bound = activation_reserve_bytes(self.config, max_tokens, max_seqs, self.dtype)
+        if self.device.type != "cuda":
+            return bound
+        forward = measure_peak_bytes(self.device, lambda: self._profile_forward(max_tokens, max_seqs))
+        sampler = max_seqs * self.config.vocab_size * 4 * 4
+        graphs = graph_reserve_bytes(self.config, graph_sizes[-1], self.dtype) if graph_sizes else 0
+        log.info("activation memory: forward of %d tokens %.0f MiB (bound %.0f), sampler %.0f MiB, "
+                 "graphs %.0f MiB", max_tokens, forward / 2**20, bound / 2**20, sampler / 2**20, graphs / 2**20)
+        return forward + sampler + graphs
+
+    def _profile_forward(self, max_tokens: int, max_seqs: int) -> None:
+        """One eager forward of `max_tokens` prompt tokens (as few sequences as the context
+        allows) over a scratch cache just big enough, sampling rows included."""
+        length = max(1, min(max_tokens, self.max_model_len))
+        lens = [length] * (max_tokens // length) + ([max_tokens % length] if max_tokens % length else [])
+        per_seq = -(-length // self.block_size)
+        _, scratch = allocate_kv_cache(self.config, 1 + per_seq * len(lens), self.block_size, self.device, self.dtype)
+        tables = 1 + np.arange(len(lens) * per_seq, dtype=np.int64).reshape(len(lens), per_seq)
+        query_lens = np.asarray(lens, dtype=np.int64)
+        step = step_inputs_from_arrays(
+            np.zeros(int(query_lens.sum()), dtype=np.int64), np.zeros(len(lens), dtype=np.int64),
+            query_lens, tables, self.block_size, np.arange(min(len(lens), max_seqs), dtype=np.int64),
+        )
+        EagerExecutor(self.model, self.backend, scratch, self.device).forward(step)
 
     @property
     def vocab_size(self) -> int:
@@ -110,38 +168,17 @@ class ModelRunner:
         scheduled = self.seqs.apply(plan)
         if not scheduled:
             return StepResult(plan.step_id, self.worker_id, [], np.empty(0, dtype=np.int64))
-        input_ids, num_computed, num_scheduled, block_tables = _pack(scheduled)
-        meta, positions = build_attention_metadata(
-            num_computed, num_scheduled, block_tables, self.block_size,
-            self.config.num_attention_heads // self.config.num_key_value_heads,
-            self.config.sliding_window, self.device, self.decode_kernel,
-        )
-        hidden = self.model(
-            torch.from_numpy(input_ids).to(self.device, non_blocking=True),
-            torch.from_numpy(positions).to(self.device, non_blocking=True),
-            meta, self.kv_caches,
-        )
-        sampled = [i for i, s in enumerate(scheduled) if s.samples]
-        ends = np.cumsum(num_scheduled) - 1
-        result = self._sample(plan.step_id, scheduled, sampled, hidden, ends)
+        step = build_step_inputs(scheduled, self.block_size)
+        logits = self.executor.forward(step)
+        result = self._sample(plan.step_id, [scheduled[i].state for i in step.sample_seqs], logits)
         for s in scheduled:
             s.state.num_computed_tokens = s.num_computed + s.num_scheduled
         result.execute_seconds = time.perf_counter() - start
         return result
 
-    def _sample(
-        self,
-        step_id: int,
-        scheduled: list[ScheduledSeq],
-        sampled: list[int],
-        hidden: torch.Tensor,
-        ends: np.ndarray,
-    ) -> StepResult:
-        if not sampled:
+    def _sample(self, step_id: int, states: list[SeqState], logits: torch.Tensor) -> StepResult:
+        if not states:
             return StepResult(step_id, self.worker_id, [], np.empty(0, dtype=np.int64))
-        rows_idx = torch.from_numpy(ends[sampled]).to(self.device, non_blocking=True)
-        logits = self.model.compute_logits(hidden[rows_idx])
-        states = [scheduled[i].state for i in sampled]
         rows = [_sampling_row(s) for s in states]
         out = sample(logits, SamplingBatch.build(rows, logits.shape[-1], self.device))
         tokens = out.token_ids.cpu().numpy()
@@ -155,40 +192,6 @@ class ModelRunner:
                 ranks=out.logprobs.ranks.cpu().numpy(),
             )
         return StepResult(step_id, self.worker_id, [s.request_id for s in states], tokens, logprobs)
-
-
-def _decode_kernel(
-    settings: ModelSettings, device: torch.device, dtype: torch.dtype, sliding_window: int | None
-) -> PagedDecodeKernel | None:
-    """The C decode-attention kernel where the settings and the device allow it, else None."""
-    backend = settings.attention_backend
-    if backend == "torch" or (backend == "auto" and device.type != "cpu"):
-        return None
-    if device.type != "cpu" or dtype not in SUPPORTED_DTYPES:
-        if backend == "cpu-c":
-            raise ConfigError(f"attention_backend cpu-c runs on CPU in float32/bfloat16, not {device}/{dtype}")
-        return None
-    try:
-        return PagedDecodeKernel(Path(settings.cache_dir).expanduser(), sliding_window)
-    except (KernelBuildError, OSError) as exc:
-        if backend == "cpu-c":
-            raise ConfigError(f"attention_backend cpu-c: {exc}") from exc
-        log.warning("C decode-attention kernel unavailable, using torch SDPA: %s", exc)
-        return None
-
-
-def _pack(scheduled: list[ScheduledSeq]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Token ids, progress and padded block tables of the scheduled sequences, in order."""
-    count = len(scheduled)
-    num_computed = np.fromiter((s.num_computed for s in scheduled), np.int64, count)
-    num_scheduled = np.fromiter((s.num_scheduled for s in scheduled), np.int64, count)
-    max_blocks = max(len(s.state.block_ids) for s in scheduled)
-    block_tables = np.zeros((count, max_blocks), dtype=np.int64)
-    ids: list[int] = []
-    for i, s in enumerate(scheduled):
-        block_tables[i, : len(s.state.block_ids)] = s.state.block_ids
-        ids.extend(s.state.token_ids[s.num_computed : s.num_computed + s.num_scheduled])
-    return np.asarray(ids, dtype=np.int64), num_computed, num_scheduled, block_tables
 
 
 def _sampling_row(state: SeqState) -> SamplingRow:

@@ -31,10 +31,11 @@ class ModelSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_model_len: int | None = None
     seed: int = 0
     attention_backend: str = "auto"
+    enforce_eager: bool = False
 
     def validate(self) -> None:
         _choice("load_format", self.load_format, ("auto", "safetensors", "gguf", "dummy"))
-        _choice("attention_backend", self.attention_backend, ("auto", "torch", "cpu-c"))
+        _choice("attention_backend", self.attention_backend, ("auto", "torch", "cpu-c", "triton"))
         _choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         _choice("device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -167,8 +168,11 @@ SETTING_HELP: dict[str, str] = {
     "cache_dir": "where converted models are cached",
     "max_model_len": "context length (default: the model's own)",
     "seed": "base seed for dummy weights and for requests without a seed",
-    "attention_backend": "auto (on CPU: the C decode kernel if a C compiler is found, else torch) "
-    "| torch (gather + SDPA everywhere) | cpu-c (the C decode kernel; fail if it cannot be built)",
+    "attention_backend": "auto (on CUDA: triton if it imports, else torch; on CPU: the C decode "
+    "kernel if a C compiler is found, else torch) | torch (gather + SDPA everywhere) | cpu-c (the C "
+    "decode kernel; fail if it cannot be built) | triton (Triton kernels on CUDA; fail without triton)",
+    "enforce_eager": "never capture CUDA graphs: every step runs eagerly (the triton backend "
+    "otherwise replays decode steps from graphs captured at start-up)",
     "block_size": "tokens per KV-cache block",
     "memory_utilization": "fraction of device memory (CUDA: total; CPU: available RAM) for "
     "weights + KV cache (default 0.9 on CUDA, 0.1 on CPU)",

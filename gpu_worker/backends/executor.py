@@ -1,0 +1,48 @@
+"""The step-level contract, `StepExecutor.forward(step) -> logits`, and its eager form.
+
+The runner owns bookkeeping (the sequence table), packing (gpu_worker.step_inputs) and sampling
+(gpu_worker.sampler); between them it asks an executor for one thing: run the model over the
+step's packed tokens, writing their keys and values into the KV cache, and return float32
+logits [len(step.sample_seqs), vocab] for the last token of each sampling sequence, in order.
+The eager executor does that with the shared model and a layer backend; the CUDA-graph executor
+(gpu_worker.backends.cuda_graphs) replays captured decode steps; a TensorRT engine would be one
+more implementation that binds the same StepInputs arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from gpu_worker.backends.base import AttentionBackend
+from gpu_worker.model import LlamaForCausalLM
+from gpu_worker.step_inputs import StepInputs
+
+
+class StepExecutor(Protocol):
+    name: str
+
+    def forward(self, step: StepInputs) -> torch.Tensor:
+        """float32 logits [len(step.sample_seqs), vocab]; KV of every scheduled token written."""
+        ...
+
+
+class EagerExecutor:
+    def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend,
+                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> None:
+        self.model = model
+        self.backend = backend
+        self.kv_caches = kv_caches
+        self.device = device
+        self.name = f"{backend.name} eager"
+
+    @torch.inference_mode()
+    def forward(self, step: StepInputs) -> torch.Tensor:
+        meta = self.backend.prepare(step)
+        ids = torch.from_numpy(step.input_ids).to(self.device, non_blocking=True)
+        x, residual = self.model(ids, meta, self.kv_caches, self.backend)
+        if len(step.sample_seqs) == 0:
+            return torch.empty(0, self.model.cfg.vocab_size, device=self.device)
+        rows = torch.from_numpy(step.sample_rows).to(self.device, non_blocking=True)
+        return self.model.compute_logits(x, residual, rows, self.backend)

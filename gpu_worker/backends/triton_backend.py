@@ -1,0 +1,98 @@
+"""The Triton backend (CUDA): paged decode and prefill attention read straight from the cache, the
+fused KV write, fused add + RMSNorm, in-place rotary and SiLU-and-mul (gpu_worker.triton_kernels).
+
+Per step, `prepare` packs every index array into one int32 host buffer (pinned on CUDA) and
+moves it with ONE host-to-device copy; the metadata is views of that device buffer. A step
+whose sequences all run one token uses the split decode kernel, any other step (prefill chunks,
+cached prefixes, decodes mixed in) the prefill kernel, which covers a query length of one too.
+The same metadata type over fixed buffers is what the CUDA-graph executor captures
+(gpu_worker.backends.cuda_graphs): the kernels read context lengths on the device, so a
+captured launch replays for any lengths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gpu_worker import triton_kernels as tk
+from gpu_worker.backends.base import AttentionBackend
+from gpu_worker.backends.staging import HostStaging, split_packed
+from gpu_worker.rope import RotaryEmbedding
+from gpu_worker.step_inputs import StepInputs
+
+
+@dataclass
+class TritonMetadata:
+    positions: torch.Tensor  # int32 [T]
+    slot_mapping: torch.Tensor  # int32 [T], negative = write nothing (graph padding)
+    context_lens: torch.Tensor  # int32 [S]
+    query_start: torch.Tensor  # int32 [S + 1]
+    block_tables: torch.Tensor  # int32 [S, W]
+    max_query_len: int
+    decode: bool  # every sequence one token: the split decode kernel
+    num_splits: int  # decode kernel splits (fixed per launch shape)
+
+
+class TritonBackend(AttentionBackend):
+    name = "triton"
+    supports_cuda_graphs = True
+
+    def __init__(self, device: torch.device, num_kv_heads: int, sliding_window: int | None) -> None:
+        self.device = device
+        self.num_kv_heads = num_kv_heads
+        self.sliding_window = sliding_window
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        self.staging = HostStaging(device)
+
+    def decode_splits(self, num_seqs: int, max_context: int) -> int:
+        return tk.choose_num_splits(num_seqs, self.num_kv_heads, max_context, self.num_sms)
+
+    def prepare(self, step: StepInputs) -> TritonMetadata:
+        width = step.block_tables.shape[1]
+        packed = self.staging.to_device([
+            step.positions, step.slot_mapping, step.context_lens, step.query_start, step.block_tables,
+        ])
+        positions, slots, ctx, qstart, tables = split_packed(packed, step.num_tokens, step.num_seqs, width)
+        decode = step.is_decode_only
+        return TritonMetadata(
+            positions=positions, slot_mapping=slots, context_lens=ctx, query_start=qstart,
+            block_tables=tables, max_query_len=step.max_query_len, decode=decode,
+            num_splits=self.decode_splits(step.num_seqs, step.max_context_len) if decode else 1,
+        )
+
+    def positions(self, meta: TritonMetadata) -> torch.Tensor:
+        return meta.positions
+
+    def write_kv(self, k_cache, v_cache, k, v, meta: TritonMetadata) -> None:
+        tk.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+
+    def attend(self, q, k_cache, v_cache, meta: TritonMetadata, scale: float) -> torch.Tensor:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if meta.decode:
+            return tk.paged_decode_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
+                sliding_window=self.sliding_window, num_splits=meta.num_splits, out=out,
+            )
+        return tk.paged_prefill_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.query_start, meta.context_lens, scale,
+            meta.max_query_len, sliding_window=self.sliding_window, out=out,
+        )
+
+    def rotary_inputs(self, rope: RotaryEmbedding, meta: TritonMetadata):
+        return meta.positions, rope.cos, rope.sin
+
+    def rotary(self, q, k, rot):
+        positions, cos, sin = rot
+        tk.rotary_embedding_(q, k, positions, cos, sin)
+        return q, k
+
+    def rms_norm(self, x, weight, eps):
+        return tk.rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        return tk.fused_add_rms_norm(x, residual, weight, eps, residual_out=residual)
+
+    def silu_and_mul(self, gate_up):
+        return tk.silu_and_mul(gate_up)
