@@ -14,7 +14,8 @@ b. Decode step time, Llama-3.1-8B shapes with dummy bf16 weights: batch 1/16/64/
    512/2048, one executor call (host packing, copies, forward, logits of every row) synchronised,
    median of 20, for the torch backend, triton eager and triton + CUDA graphs over the same
    weights and cache. Floor = (weight bytes + KV bytes read) / device-to-device copy bandwidth
-   (read + write bytes of a 4 GiB copy, measured here).
+   (read + write bytes of a 4 GiB copy, measured here). For the graphs also the replay alone
+   (CUDA events) and, at context 2048, a torch.profiler breakdown of device time by kernel kind.
 c. Offline throughput (pdserve.offline_engine.OfflineEngine): N random 1024-token prompts, 128
    greedy output tokens each (ignore_eos), max_num_seqs 256, token budget 8192: triton + graphs
    against torch.
@@ -178,6 +179,54 @@ def time_executor(executor, step, iters: int = 20) -> float:
     return statistics.median(times)
 
 
+def replay_time(executor, step, iters: int = 20) -> float:
+    """Device time of the captured graph alone (no host packing or copies), CUDA events."""
+    executor.forward(step)  # stages this step's inputs into the graph's buffers
+    graph = executor.graphs[min(b for b in executor.sizes if b >= step.num_seqs)]
+    times = []
+    for _ in range(iters + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times[3:])
+
+
+KERNEL_KINDS = (("attention", ("decode_split", "decode_reduce", "prefill")), ("rms_norm", ("rms_norm",)),
+                ("rotary", ("rotary",)), ("kv_write", ("kv_write",)), ("silu_mul", ("silu_and_mul",)),
+                ("matmul", ("gemm", "gemv", "cutlass", "sm90", "nvjet", "xmma", "cublas")))
+
+
+def kernel_profile(executor, step, iters: int = 5) -> dict:
+    """Per step: device time by kernel kind (torch.profiler, CUDA kernels only) against the wall."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    executor.forward(step)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(iters):
+            executor.forward(step).argmax(-1)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / iters
+    kinds: dict[str, float] = {}
+    count = 0
+    for e in prof.events():
+        if getattr(e, "device_type", None) != DeviceType.CUDA:
+            continue
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        name = e.name.lower()
+        kind = next((k for k, keys in KERNEL_KINDS if any(key in name for key in keys)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + us / 1e3 / iters
+        count += 1
+    busy = sum(kinds.values())
+    return {"wall_ms": wall * 1e3, "kernel_ms": busy, "idle_ms": wall * 1e3 - busy,
+            "kernels_per_step": count / iters, "by_kind_ms": {k: round(v, 4) for k, v in sorted(kinds.items())}}
+
+
 def synthetic_dir(root: Path) -> Path:
     out = root / "llama-3.1-8b"
     subprocess.run([sys.executable, str(Path(__file__).parent / "synthetic_model.py"), "llama-3.1-8b", str(out)],
@@ -213,6 +262,12 @@ def part_b(report: dict, model_dir: Path) -> None:
             for name, ex in executors.items():
                 row[f"{name}_ms"] = time_executor(ex, step) * 1e3
             row["graph_vs_floor"] = row["triton_graphs_ms"] / row["floor_ms"]
+            row["replay_only_ms"] = replay_time(runner.executor, step) * 1e3
+            if context == 2048 and batch in (1, 16, 256):
+                try:
+                    row["profile"] = kernel_profile(runner.executor, step)
+                except Exception as exc:  # the timings above stand without it
+                    row["profile"] = repr(exc)
             rows.append(row)
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     report["b_decode_steps"] = {"copy_bandwidth_GBps": bandwidth / 1e9, "weight_bytes_read": weights,
