@@ -34,6 +34,7 @@ from gpu_worker.runner import ModelRunner
 from protocol.codec import Codec
 from protocol.config import CacheSettings, ConfigError, ModelSettings, SchedulerSettings, StageSettings
 from protocol.endpoints import Endpoints
+from protocol.liveness import default_stage_id
 from protocol.messages import (
     FromWorker,
     Heartbeat,
@@ -68,7 +69,7 @@ async def serve_worker(
     stage: StageSettings,
     endpoints: Endpoints,
 ) -> None:
-    worker_id = stage.stage_id or f"worker-{socket.gethostname()}-{os.getpid()}"
+    worker_id = default_stage_id("worker", stage.stage_id)
     loop = asyncio.get_running_loop()
     steps = StepThread(worker_id, loop)
     runner = await steps.start(
@@ -115,9 +116,9 @@ async def serve_worker(
     loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     pulls: dict[int, asyncio.Task] = {}
 
-    async def pull(order: KVPull) -> None:
+    async def pull(order: KVPull, steps_before: int) -> None:
         try:
-            done = await puller.pull(order, worker_id)
+            done = await puller.pull(order, worker_id, lambda: steps.ran(steps_before))
             if not done.ok and done.error != "cancelled":
                 puller.forget_source(order.src_address)  # reconnect (or re-map) next time
             if done.ok or done.error != "cancelled":
@@ -138,7 +139,7 @@ async def serve_worker(
             if isinstance(msg, StepPlan):
                 steps.submit(msg)
             elif isinstance(msg, KVPull):
-                pulls[msg.transfer_id] = asyncio.create_task(pull(msg))
+                pulls[msg.transfer_id] = asyncio.create_task(pull(msg, steps.submitted))
             elif isinstance(msg, KVCancel):
                 puller.cancel(msg.transfer_id)
             elif isinstance(msg, WorkerAccepted):
@@ -207,6 +208,9 @@ class StepThread:
         self.loop = loop
         self.results: asyncio.Queue[StepResult | WorkerError] = asyncio.Queue()
         self._plans: queue.SimpleQueue[StepPlan | object | None] = queue.SimpleQueue()
+        self.submitted = 0  # plans handed to the thread
+        self.completed = 0  # of those, run (loop thread only: bumped through call_soon_threadsafe)
+        self._progress = asyncio.Event()
         self._runner: ModelRunner | None = None
 
     async def start(self, make_runner, torch_threads: int | None) -> ModelRunner:
@@ -228,7 +232,14 @@ class StepThread:
         return await ready
 
     def submit(self, plan: StepPlan) -> None:
+        self.submitted += 1
         self._plans.put(plan)
+
+    async def ran(self, count: int) -> None:
+        """Returns once the first `count` submitted plans have run (answered or failed)."""
+        while self.completed < count:
+            self._progress.clear()
+            await self._progress.wait()
 
     def reset(self) -> None:
         """Drop every sequence (after the plans queued before this call have run)."""
@@ -252,9 +263,15 @@ class StepThread:
                     runner.seqs.seqs.pop(seq.request_id, None)
                 out = WorkerError(self.worker_id, plan.step_id, f"{type(exc).__name__}: {exc}")
             try:
-                self.loop.call_soon_threadsafe(self.results.put_nowait, out)
+                self.loop.call_soon_threadsafe(self._finished, out)
             except RuntimeError:  # the loop closed: the worker is shutting down
                 return
+
+    def _finished(self, out: StepResult | WorkerError) -> None:
+        """On the loop: one plan ran; its answer goes out and waiting pulls may write."""
+        self.completed += 1
+        self._progress.set()
+        self.results.put_nowait(out)
 
 
 _RESET = object()  # StepThread queue item: drop every sequence

@@ -24,7 +24,6 @@ from protocol.config import CacheSettings, SchedulerSettings
 from protocol.messages import (
     AddRequest,
     FinishReason,
-    KVCancel,
     RequestOutput,
     RequestPhases,
     Shutdown,
@@ -36,10 +35,10 @@ from protocol.messages import (
     WorkerInfo,
 )
 from scheduler_svc.block_hash import BlockHash, extend_block_hashes
-from scheduler_svc.request import Request
+from scheduler_svc.request import Request, RequestStatus
 from scheduler_svc.effects import Effects
-from scheduler_svc.handoffs import KVHandoffs, Transfer
-from scheduler_svc.routing import choose_route
+from scheduler_svc.handoffs import Handoff, KVHandoffs, Transfer
+from scheduler_svc.routing import Route, choose_route
 from scheduler_svc.worker_scheduler import RequestRejected
 from scheduler_svc.worker_slot import DEAD, DRAINING, READY, WorkerSlot
 
@@ -61,8 +60,8 @@ class CentralScheduler(KVHandoffs):
         self._joined = 0
         self.requests: dict[str, Request] = {}  # every live request
         self.where: dict[str, WorkerSlot] = {}  # the worker that holds it (the source mid-transfer)
-        self.transfers: dict[int, Transfer] = {}
-        self.transfer_of: dict[str, int] = {}
+        self.transfers: dict[int, Transfer] = {}  # KVPulls in flight
+        self.handoffs: dict[str, Handoff] = {}  # requests whose KV is moving, by id
         self.pending_handoffs: list[tuple[WorkerSlot, Request]] = []  # no destination found yet
         self.no_cuda_ipc: set[tuple[str, str]] = set()  # (src, dst) pairs whose cuda-ipc failed
         self.finished_transfers: list[TransferRecord] = []  # since the last stats
@@ -125,8 +124,8 @@ class CentralScheduler(KVHandoffs):
             return effects
         slot.state = DEAD
         slot.inflight.clear()
-        for t in [t for t in self.transfers.values() if slot in (t.src, t.dst)]:
-            self._end_transfer(t, effects, f"worker {slot.worker_id} {why}", now)
+        for h in [h for h in self.handoffs.values() if slot in (h.src, h.dst)]:
+            self._end_handoff(h, f"worker {slot.worker_id} {why}", now, effects)
         self.pending_handoffs = [(s, r) for s, r in self.pending_handoffs if s is not slot]
         for req in slot.scheduler.take_all():
             self.where.pop(req.request_id, None)
@@ -163,13 +162,9 @@ class CentralScheduler(KVHandoffs):
             slot = self.where.get(rid)
             if slot is None:
                 continue
-            tid = self.transfer_of.get(rid)
-            if tid is not None:
-                t = self.transfers.pop(tid)
-                self._unlink(t)
-                effects.messages.append((t.dst, KVCancel(tid)))
-                t.dst.scheduler.cancel_incoming(rid)
-                effects.plan(t.dst)
+            h = self.handoffs.get(rid)
+            if h is not None:  # the source's abort below frees the request there
+                self._end_handoff(h, "aborted", now, effects, release_src=False)
             self.pending_handoffs = [(s, r) for s, r in self.pending_handoffs if r.request_id != rid]
             outs = slot.scheduler.abort([rid], reason)
             for out in outs:
@@ -179,8 +174,9 @@ class CentralScheduler(KVHandoffs):
         self._finish_drains(effects)
         return effects
 
-    def plans(self, slot: WorkerSlot, pipeline: bool, now: float) -> list[StepPlan]:
-        """The plans to send the worker now (see WorkerSlot.next_plan); stamps first scheduling."""
+    def plans(self, slot: WorkerSlot, pipeline: bool, now: float) -> tuple[list[StepPlan], Effects]:
+        """The plans to send the worker now (see WorkerSlot.next_plan); stamps first scheduling.
+        The effects (after the plans) end early handoffs of requests the plans preempted."""
         plans = []
         while (plan := slot.next_plan(pipeline)) is not None:
             for seq in plan.new_seqs:
@@ -188,18 +184,23 @@ class CentralScheduler(KVHandoffs):
                 if req is not None and not req.first_scheduled_at:
                     req.first_scheduled_at = now
             plans.append(plan)
-        return plans
+        effects = Effects()
+        if plans:
+            self._end_stale_early_handoffs(slot, now, effects)
+        return plans, effects
 
     def on_result(self, slot: WorkerSlot, result: StepResult, now: float) -> Effects:
         effects = Effects()
-        slot.complete(result.step_id)
+        plan = slot.complete(result.step_id)
         slot.num_steps += 1
         slot.busy_seconds += result.execute_seconds
         outs = slot.scheduler.update(result)
-        self.pending_handoffs += [(slot, req) for req in slot.scheduler.take_handoffs()]
+        self._note_outputs(outs, now, effects)  # a first token goes out before any handoff news
+        self._prefilled(slot, slot.scheduler.take_handoffs(), now, effects)
+        self._early_parts(slot, plan, now, effects)
+        self._end_stale_early_handoffs(slot, now, effects)  # e.g. finished at its first token
         effects.plan(slot)
         self._start_handoffs(now, effects)
-        self._note_outputs(outs, now, effects)
         self._finish_drains(effects)
         return effects
 
@@ -209,6 +210,7 @@ class CentralScheduler(KVHandoffs):
         if plan is not None:
             outs = slot.scheduler.fail_step(plan, f"worker {msg.worker_id}: {msg.message}")
             self._note_outputs(outs, now, effects)
+            self._end_stale_early_handoffs(slot, now, effects)
         effects.plan(slot)
         self._finish_drains(effects)
         return effects
@@ -232,11 +234,13 @@ class CentralScheduler(KVHandoffs):
 
     # ------------------------------------------------------------------ migration
 
-    def _migrate(self, req: Request, why: str, now: float, effects: Effects, counts: bool = True) -> None:
+    def _migrate(self, req: Request, why: str, now: float, effects: Effects, counts: bool = True,
+                 fallback: WorkerSlot | None = None) -> None:
         """Recompute `req` (prompt + outputs so far) on another worker, or fail it clearly.
 
         `counts`: a move forced by a fault (not a plain change of plan) counts toward
-        MAX_MIGRATIONS and the migrations metric."""
+        MAX_MIGRATIONS and the migrations metric. `fallback`: a live worker (say, a draining
+        one) that keeps the request when no ready worker can take it."""
         rid = req.request_id
         self.where.pop(rid, None)
         if counts:
@@ -246,6 +250,8 @@ class CentralScheduler(KVHandoffs):
         if req.num_migrations <= MAX_MIGRATIONS:
             route = choose_route(list(self.workers.values()), self._hashes(req.token_ids),
                                  req.num_tokens, self.sched.max_local_prefill_tokens)
+            if route is None and fallback is not None and fallback.state != DEAD:
+                route = Route(fallback, False, 0)
         if route is not None:
             try:
                 route.slot.scheduler.adopt(req, prefill_only=route.split)
@@ -268,11 +274,12 @@ class CentralScheduler(KVHandoffs):
         """Transfers past their deadline and drains past theirs; retry handoffs that waited."""
         effects = Effects()
         for t in [t for t in self.transfers.values() if now > t.deadline]:
-            self._end_transfer(t, effects, "KV transfer timed out", now)
-            self.finished_transfers.append(TransferRecord(t.transport, 0, now - t.started, False))
+            if t.handoff.request.request_id in self.handoffs:
+                self._end_handoff(t.handoff, "KV transfer timed out", now, effects)
+                self.finished_transfers.append(TransferRecord(t.transport, 0, now - t.started, False))
         for slot in [s for s in self.workers.values() if s.state == DRAINING and now > s.drain_deadline]:
-            for t in [t for t in self.transfers.values() if slot in (t.src, t.dst)]:
-                self._end_transfer(t, effects, f"worker {slot.worker_id} drained", now)
+            for h in [h for h in self.handoffs.values() if slot in (h.src, h.dst)]:
+                self._end_handoff(h, f"worker {slot.worker_id} drained", now, effects)
             self.pending_handoffs = [(s, r) for s, r in self.pending_handoffs if s is not slot]
             for req in slot.scheduler.take_all():
                 self.where.pop(req.request_id, None)
@@ -314,19 +321,30 @@ class CentralScheduler(KVHandoffs):
         for rid, slot in held.items():
             assert self.where[rid] is slot, f"{rid} is on {slot.worker_id}, placed on {self.where[rid].worker_id}"
         assert held.keys() == self.requests.keys(), "live requests != requests on workers"
+        for rid, h in self.handoffs.items():
+            assert h.request.request_id == rid and h.dst.scheduler.incoming.get(rid) is h.request, (
+                f"{rid}: not reserved on {h.dst.worker_id}")
+            on_src = h.src.scheduler.outgoing.get(rid) is h.request or (
+                not h.final and h.src.scheduler.requests.get(rid) is h.request
+                and h.request.status == RequestStatus.RUNNING)
+            assert on_src, f"{rid}: neither prefilling nor outgoing on {h.src.worker_id}"
+            assert h.first <= h.sent_upto and all(self.transfers[t].handoff is h for t in h.parts)
         for tid, t in self.transfers.items():
-            rid = t.request.request_id
-            assert self.transfer_of.get(rid) == tid, f"transfer {tid} of {rid} is not linked"
-            assert t.src.scheduler.outgoing.get(rid) is t.request, f"{rid} not outgoing on {t.src.worker_id}"
-            assert t.dst.scheduler.incoming.get(rid) is t.request, f"{rid} not incoming on {t.dst.worker_id}"
+            assert tid in t.handoff.parts and self.handoffs.get(t.request.request_id) is t.handoff, (
+                f"transfer {tid} is not part of a live handoff")
             assert len(t.src_block_ids) == len(t.dst_block_ids) > 0
+        pending = [r.request_id for _, r in self.pending_handoffs]
+        assert not set(pending) & set(self.handoffs), "a pending handoff already has a destination"
         for slot in self.workers.values():
             outs = sum(1 for t in self.transfers.values() if t.src is slot)
             ins = sum(1 for t in self.transfers.values() if t.dst is slot)
             assert (slot.transfers_out, slot.transfers_in) == (outs, ins), f"{slot.worker_id} transfer counts"
-            assert len(slot.scheduler.incoming) == ins, f"{slot.worker_id}: reservations without transfers"
-            assert len(slot.scheduler.outgoing) == outs + sum(1 for s, _ in self.pending_handoffs if s is slot), (
-                f"{slot.worker_id}: outgoing requests without a transfer or a pending handoff")
+            assert len(slot.scheduler.incoming) == sum(1 for h in self.handoffs.values() if h.dst is slot), (
+                f"{slot.worker_id}: reservations without handoffs")
+            outgoing = sum(1 for h in self.handoffs.values() if h.src is slot and h.final)
+            outgoing += sum(1 for s, _ in self.pending_handoffs if s is slot)
+            assert len(slot.scheduler.outgoing) == outgoing, (
+                f"{slot.worker_id}: outgoing requests without a handoff or a pending one")
 
     def total(self, name: str) -> int:
         """A cumulative counter of every worker's policy, including workers that have left."""

@@ -90,33 +90,32 @@ class RequestMoves:
         self.kv.free(request_id)
         return req
 
-    def reserve_incoming(self, req: Request) -> tuple[int, list[int]] | None:
-        """Reserve blocks for a prefilled request's KV; None (nothing changed) if they don't fit.
+    def reserve_incoming(self, req: Request, num_kv: int) -> int | None:
+        """Reserve blocks for the KV of the first `num_kv` tokens of a request being prefilled
+        elsewhere, plus room for one more token; None (nothing changed) if they don't fit.
 
-        The request's last token has no KV yet; the tokens before it do, on the source worker.
         Blocks this worker already caches for that prefix are reused; the rest are new and not
         offered to the prefix cache until `activate_incoming`, since their KV has not arrived.
-        Returns (index of the first block to copy, destination block ids to copy into); the
-        source's blocks at the same table indices are the ones to read.
+        Returns the table index of the first block to copy: the source's blocks at the same
+        indices are the ones to read. The request may still be prefilling on its source (an
+        early handoff), so its shared record is left as it is.
         """
         rid = req.request_id
         if rid in self.requests:
             raise ValueError(f"request {rid!r} is already on this worker")
-        num_kv = req.num_tokens - 1
-        if req.num_tokens >= self.max_model_len or len(self.running) + len(self.incoming) >= self.settings.max_num_seqs:
+        if num_kv + 1 >= self.max_model_len or len(self.running) + len(self.incoming) >= self.settings.max_num_seqs:
             return None
         hits, num_hit = self.kv.get_computed_blocks(rid, req.token_ids)
-        blocks = self.kv.allocate_slots(rid, req.token_ids, req.num_tokens - num_hit, num_hit, hits,
+        hits = hits[: num_kv // self.kv.block_size]
+        num_hit = len(hits) * self.kv.block_size
+        blocks = self.kv.allocate_slots(rid, req.token_ids, num_kv + 1 - num_hit, num_hit, hits,
                                         cache_blocks=False)
         if blocks is None:
             self.kv.free(rid)
             return None
-        bs = self.kv.block_size
-        first, end = len(hits), -(-num_kv // bs)
-        req.prefill_only = False  # stays OUTGOING (for its source) until activate_incoming
         self.requests[rid] = req
         self.incoming[rid] = req
-        return first, self.kv.block_ids(rid)[first:end]
+        return len(hits)
 
     def activate_incoming(self, request_id: str) -> None:
         """The KV arrived: offer its full blocks to the prefix cache and decode from here."""
@@ -124,6 +123,9 @@ class RequestMoves:
         num_kv = req.num_tokens - 1
         self.kv.cache_blocks(request_id, req.token_ids, num_kv)
         req.num_computed_tokens = num_kv
+        req.num_inflight_samples = 0
+        req.on_worker = False
+        req.prefill_only = False
         req.status = RequestStatus.RUNNING
         self._order += 1
         req.order = self._order

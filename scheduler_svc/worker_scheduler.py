@@ -121,9 +121,12 @@ class WorkerScheduler(RequestMoves):
 
     def _detach(self, req: Request) -> None:
         """Remove a live request from this worker's queues and records (its blocks are the
-        caller's to free); the worker is told to forget it if it holds it."""
+        caller's to free); the worker is told to forget it if it holds it. A request in
+        transfer is held by no worker process here (its record is shared with the other side,
+        whose `on_worker` it must not touch)."""
+        local = req.request_id not in self.outgoing and req.request_id not in self.incoming
         self._remove_from_queues(req)
-        if req.on_worker:
+        if local and req.on_worker:
             self._worker_forget.append(req.request_id)
             req.on_worker = False
         del self.requests[req.request_id]
@@ -224,7 +227,8 @@ class WorkerScheduler(RequestMoves):
         self._insert(self.waiting, req)
 
     def _admit_waiting(self, budget: int, new_seqs: list[NewSeq]) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.settings.max_num_seqs:
+        # Sequences whose KV is being copied in hold their slot: they join running when it arrives.
+        while self.waiting and budget > 0 and len(self.running) + len(self.incoming) < self.settings.max_num_seqs:
             req = self.waiting[0]
             hit_blocks, num_hit = ([], 0)
             if self.kv.enable_prefix_caching:
@@ -368,8 +372,9 @@ class WorkerScheduler(RequestMoves):
             assert covered >= req.num_computed_tokens, f"{req.request_id}: blocks cover {covered}"
         for req in self.waiting:
             assert not self.kv.block_ids(req.request_id), f"waiting {req.request_id} holds blocks"
+        for rid, req in self.outgoing.items():
+            assert req.status == RequestStatus.OUTGOING, f"{rid} outgoing as {req.status}"
         for rid, req in [*self.outgoing.items(), *self.incoming.items()]:
-            assert req.status == RequestStatus.OUTGOING, f"{rid} in transfer as {req.status}"
             covered = len(self.kv.block_ids(rid)) * self.kv.block_size
             assert covered >= req.num_tokens - 1, f"{rid} in transfer: blocks cover {covered}"
         assert self.kv.num_requests == len(self.running) + len(self.outgoing) + len(self.incoming), (

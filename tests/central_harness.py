@@ -1,8 +1,9 @@
 """A simulated multi-worker stack for the central scheduler: no model, no sockets, real accounting.
 
-Each SimWorker keeps, per block, which token's KV sits in each slot; a step first checks that
-every already-computed position of a sequence reads the right token through its block table
-(prefix hits, transferred blocks and migrations included), then writes the positions it computes.
+Each SimWorker keeps, per block, which token's KV sits in each slot; a step writes the positions
+it computes (as the model writes every token's KV before attending), then checks that every
+position a sequence attends to reads the right token through its block table (prefix hits,
+transferred blocks and migrations included).
 A KV transfer copies slot contents from source to destination blocks. Tokens are a pure function
 of (request id, output index), so a lost or repeated token changes the final outputs.
 `check_integrity()` of the central scheduler runs after every event.
@@ -72,17 +73,20 @@ class SimWorker:
             assert c.num_computed_tokens == seq.num_computed, f"{c.request_id} progress differs"
             seq.blocks.extend(c.new_block_ids)
             scheduled.append((c.request_id, c.num_computed_tokens, c.num_scheduled_tokens))
+        for rid, computed, n in scheduled:  # the model writes every token's KV, then attends
+            seq = self.seqs[rid]
+            end = computed + n
+            assert n > 0 and end <= len(seq.tokens) and end <= len(seq.blocks) * BS, f"{rid}: bad step"
+            for pos in range(computed, end):
+                self.slots[(seq.blocks[pos // BS], pos % BS)] = seq.tokens[pos]
         ids, tokens = [], []
         for rid, computed, n in scheduled:
             seq = self.seqs[rid]
             end = computed + n
-            assert n > 0 and end <= len(seq.tokens) and end <= len(seq.blocks) * BS, f"{rid}: bad step"
-            for pos in range(computed):  # what attention would read
+            for pos in range(end):  # what attention reads
                 got = self.slots.get((seq.blocks[pos // BS], pos % BS))
                 assert got == seq.tokens[pos], (
                     f"{self.worker_id}: {rid} position {pos} reads {got}, expected {seq.tokens[pos]}")
-            for pos in range(computed, end):
-                self.slots[(seq.blocks[pos // BS], pos % BS)] = seq.tokens[pos]
             seq.num_computed = end
             if end == len(seq.tokens):
                 token = token_for(rid, len(seq.tokens) - seq.num_prompt)
@@ -109,6 +113,9 @@ class Cluster:
         self.outputs: dict[str, list[int]] = {}
         self.final: dict[str, RequestOutput] = {}
         self.pulled_blocks: list[int] = []  # blocks copied per completed transfer
+        # A worker writes a pull's blocks only after every plan it got before the KVPull has run
+        # (worker_process: KVPuller.pull(write_after=...)): the step ids each pull waits for.
+        self.pull_after: dict[int, set[int]] = {}
         for i, role in enumerate(roles):
             self.join(f"w{i}", role, num_blocks, max_model_len)
 
@@ -149,13 +156,17 @@ class Cluster:
         for slot, msg in effects.messages:
             if isinstance(msg, KVPull):
                 self.pulls.append(msg)
+                self.pull_after[msg.transfer_id] = {p.step_id for p in self.queued.get(slot.worker_id, [])}
             elif isinstance(msg, KVCancel):
                 self.cancelled.add(msg.transfer_id)
             elif isinstance(msg, Shutdown):
                 self.shutdowns.append(slot.worker_id)
         for slot in effects.kick.values():
             if slot.worker_id in self.queued:
-                self.queued[slot.worker_id] += self.central.plans(slot, True, self.now)
+                plans, more = self.central.plans(slot, True, self.now)
+                self.queued[slot.worker_id] += plans
+                if more.messages or more.kick or more.outputs:
+                    self.apply(more)
         for out in effects.outputs:
             assert out.request_id not in self.final, f"{out.request_id} reported after finishing"
             self.outputs[out.request_id].extend(out.new_token_ids)
@@ -174,7 +185,12 @@ class Cluster:
             self.apply(self.central.on_result(self.slot(wid), result, self.now))
         return True
 
-    def finish_pull(self, pull: KVPull, ok: bool = True, error: str = "") -> None:
+    def finish_pull(self, pull: KVPull, ok: bool = True, error: str = "") -> bool:
+        """Complete a pull; False (nothing done) while the destination has not yet run the plans
+        it got before the pull, since a real worker would not write before that."""
+        dst_wid = self._dst_of(pull)
+        if ok and self.pull_after.get(pull.transfer_id, set()) & {p.step_id for p in self.queued.get(dst_wid, [])}:
+            return False
         self.pulls.remove(pull)
         if ok:
             src = self.sims[pull.src_worker_id]
@@ -188,6 +204,7 @@ class Cluster:
         done = KVPullDone(self._dst_of(pull), pull.transfer_id, ok, 64 * len(pull.dst_block_ids),
                           0.01, pull.transport, error)
         self.apply(self.central.on_pull_done(done, self.now))
+        return True
 
     def _dst_of(self, pull: KVPull) -> str:
         return self.central.transfers[pull.transfer_id].dst.worker_id
@@ -211,8 +228,7 @@ class Cluster:
                 progressed |= self.step(wid)
             for pull in list(self.pulls):
                 if pull.transfer_id in self.central.transfers:
-                    self.finish_pull(pull)
-                    progressed = True
+                    progressed |= self.finish_pull(pull)
                 else:
                     self.pulls.remove(pull)
             if not progressed:

@@ -8,6 +8,8 @@ table, so a wrong block plan or a leak fails the test where it happens.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from protocol.messages import AddRequest, KVLayout, KVPullDone
@@ -39,17 +41,54 @@ def test_prefill_then_transfer_then_decode_elsewhere() -> None:
     assert c.central.finished_phases[-1].disaggregated and c.central.finished_phases[-1].transfer_seconds > 0
 
 
-def test_chunked_prefill_hands_off_only_after_the_last_chunk() -> None:
-    c = Cluster([P, D], budget=8)
-    c.add("a", toks(1, 20), max_tokens=3)
+def test_a_chunked_prefill_sends_each_chunk_s_blocks_while_the_next_chunk_runs() -> None:
+    c = Cluster([P, D], budget=8)  # 8-token chunks: two blocks each
+    c.add("a", toks(1, 20), max_tokens=3)  # 19 KV tokens: 5 blocks
     c.step("w0")
+    [first] = c.pulls  # chunk 1 is written: its two blocks go while chunk 2 runs
+    assert len(first.src_block_ids) == 2 and first.src_block_ids == c.slot("w0").kv.block_ids("a")[:2]
+    assert c.outputs["a"] == [] and "a" in c.slot("w1").scheduler.incoming
+    c.finish_pull(first)
+    assert "a" in c.slot("w1").scheduler.incoming  # not active: more parts to come
     c.step("w0")
-    assert c.outputs["a"] == [] and not c.pulls
-    c.step("w0")
-    assert c.outputs["a"] == c.expected("a", 1) and len(c.pulls) == 1
-    assert c.queued["w0"] == [] or all(not p.cached_seqs for p in c.queued["w0"])  # no decode on P
+    [second] = c.pulls
+    assert second.src_block_ids == c.slot("w0").kv.block_ids("a")[2:4]
+    c.step("w0")  # the last chunk samples the first token; only the tail block is left to send
+    assert c.outputs["a"] == c.expected("a", 1)
+    assert [len(p.src_block_ids) for p in c.pulls] == [2, 1]
+    assert all(not p.cached_seqs for p in c.queued["w0"])  # no decode on the prefill worker
     c.run()
-    assert c.outputs["a"] == c.expected("a", 3)
+    assert c.outputs["a"] == c.expected("a", 3) and c.pulled_blocks == [2, 2, 1]
+    assert c.central.finished_phases[-1].disaggregated
+
+
+def test_an_early_handoff_ends_when_the_prefill_worker_preempts_the_request() -> None:
+    c = Cluster([P], budget=8, num_blocks=12, max_inflight_steps=1)  # 11 usable blocks
+    c.join("w1", D, num_blocks=64)
+    c.add("a", toks(1, 20), max_tokens=3)  # 6 blocks once sampled, held until its KV has moved
+    c.add("b", toks(100, 28), max_tokens=3)  # starts in a's last chunk, then runs out of blocks
+    early_parts: set[int] = set()
+    for _ in range(10):  # no transfer completes meanwhile: a keeps its blocks
+        c.step("w0")
+        h = c.central.handoffs.get("b")
+        if h is not None:
+            early_parts |= h.parts
+        if c.central.requests["b"].num_preemptions:
+            break
+    assert early_parts and c.central.requests["b"].num_preemptions == 1
+    assert early_parts <= c.cancelled  # the blocks it was reading are free on the prefill side
+    assert "b" not in c.central.handoffs and "b" not in c.slot("w1").scheduler.incoming
+    c.run()
+    for rid in "ab":
+        assert c.outputs[rid] == c.expected(rid, 3)
+
+
+def test_a_request_that_ends_at_its_first_token_ends_its_early_handoff() -> None:
+    c = Cluster([P, D], budget=8)
+    c.add("a", toks(1, 20), max_tokens=1)
+    c.run()
+    assert c.outputs["a"] == c.expected("a", 1) and c.final["a"].finish_reason == LENGTH
+    assert not c.central.handoffs and c.slot("w1").kv.num_requests == 0
 
 
 def test_short_prompts_run_where_they_decode() -> None:
@@ -269,3 +308,60 @@ def test_a_reregistered_worker_starts_clean_and_its_old_requests_move() -> None:
     c.queued[holder] = []
     c.run()
     assert c.outputs["a"] == c.expected("a", 6)
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("CLUSTER_SEEDS", "40"))))
+def test_random_faults_never_break_the_accounting_or_a_stream(seed: int) -> None:
+    """Random arrivals, steps, finished/failed/slow transfers, aborts, drains, deaths and joins on
+    a small stack: integrity holds after every event (Cluster.apply), every step reads the right
+    KV, and every request either ends with exactly its tokens or with an error / abort."""
+    import random
+
+    rng = random.Random(seed)
+    c = Cluster([P, P, D, D, M], budget=rng.choice([8, 16, 64]), num_blocks=rng.choice([24, 40, 64]),
+                max_num_seqs=rng.choice([2, 4, 16]), max_inflight_steps=rng.choice([1, 2]),
+                max_local_prefill_tokens=rng.choice([0, 8, 32]), kv_transfer_timeout=1.0, drain_timeout=2.0)
+    want: dict[str, int] = {}
+    joined = 0
+    for event in range(400):
+        roll = rng.random()
+        live = list(c.central.workers)
+        if roll < 0.15 and len(want) < 30:
+            rid = f"r{event}"
+            want[rid] = rng.randint(1, 12)
+            try:
+                c.add(rid, toks(rng.randint(1, 300), rng.randint(1, 40)), max_tokens=want[rid])
+            except Exception:  # no worker ready: the service answers 503
+                del want[rid]
+        elif roll < 0.55 and live:
+            c.step(rng.choice(live))
+        elif roll < 0.75 and c.pulls:
+            pull = rng.choice(c.pulls)
+            if pull.transfer_id in c.central.transfers:
+                c.finish_pull(pull, ok=rng.random() < 0.85, error="injected")
+            else:
+                c.pulls.remove(pull)
+        elif roll < 0.80:
+            c.tick(rng.choice([0.2, 1.5]))
+        elif roll < 0.84 and c.central.requests:
+            rid = rng.choice(sorted(c.central.requests))
+            c.apply(c.central.abort([rid], ABORT, c.now))
+        elif roll < 0.87 and len(live) > 1:
+            c.apply(c.central.drain(c.slot(rng.choice(live)), c.now))
+        elif roll < 0.90 and len(live) > 1:
+            c.kill(rng.choice(live))
+        elif roll < 0.93 and len(live) < 6:
+            joined += 1
+            c.join(f"n{joined}", rng.choice([P, D, M]))
+    if not c.central.workers:
+        c.join("last", M)
+    c.run(max_events=5000)
+    for rid, n in want.items():
+        final = c.final[rid]
+        if final.finish_reason == LENGTH:
+            assert c.outputs[rid] == c.expected(rid, n), rid
+        else:
+            assert final.finish_reason in (ABORT, ERROR), rid
+            assert c.outputs[rid] == c.expected(rid, len(c.outputs[rid])), rid  # a prefix, no gap
+    assert not c.central.transfers and not c.central.handoffs
+    assert all(s.kv.num_requests == 0 for s in c.central.workers.values())

@@ -440,3 +440,33 @@ def test_a_transfer_id_already_running_is_refused(tmp_path: Path) -> None:
                            chunk_bytes=block_bytes(src)))
     assert torch.equal(dst[:, :, [0, 1, 2]], src[:, :, [0, 1, 2]])
     assert not torch.equal(dst[:, :, 3], src[:, :, 3])
+
+
+def test_no_block_is_written_before_write_after_returns(tmp_path: Path) -> None:
+    """The worker passes "the steps received before this pull have run": until then the
+    destination cache stays untouched, although the fetches are already under way."""
+    src, dst = make_cache(16, seed=1), make_cache(16, seed=2)
+    before = dst.clone()
+    src_ids, dst_ids = shuffled_pairs(16, 16, 6, seed=3)
+
+    async def body(server: KVPeerServer, puller: KVPuller) -> None:
+        released = asyncio.Event()
+        asked = []
+
+        async def steps_ran() -> None:
+            asked.append(True)
+            await released.wait()
+
+        task = asyncio.create_task(puller.pull(order(3, server.address, src_ids, dst_ids), "dst", steps_ran))
+        for _ in range(100):
+            if asked:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert asked and not task.done() and torch.equal(dst, before)  # fetched, not written
+        released.set()
+        done = await asyncio.wait_for(task, TIMEOUT_S)
+        assert done.ok, done.error
+
+    asyncio.run(with_peers(src, dst, f"ipc://{tmp_path}/kv.sock", body, chunk_bytes=1))
+    assert_copied(src, dst, before, src_ids, dst_ids)

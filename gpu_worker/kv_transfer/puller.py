@@ -13,6 +13,7 @@ is what lets `cancel()` promise that no write of that transfer happens after it 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -102,8 +103,15 @@ class KVPuller:
         """What this destination can pull with (WorkerHello.transports)."""
         return [ZMQ, CUDA_IPC] if self.kv_cache.is_cuda else [ZMQ]
 
-    async def pull(self, order: KVPull, worker_id: str) -> KVPullDone:
+    async def pull(self, order: KVPull, worker_id: str,
+                   write_after: Callable[[], Awaitable[object]] | None = None) -> KVPullDone:
         """Run one transfer to its end: ok with bytes and seconds, or not ok with the reason.
+
+        `write_after`, when given, is called and awaited before the first write (fetching
+        already runs):
+        the worker passes "every step received before this order has run", so a step planned
+        before the destination blocks were freed and reassigned can no longer write into them
+        after the transfer has (the scheduler orders both on one socket).
 
         Never raises (except when the awaiting task itself is cancelled). After it returns, and
         also when it is cancelled, no write of this transfer happens any more. A transfer stopped
@@ -124,7 +132,7 @@ class KVPuller:
         state = _Transfer()
         self._transfers[order.transfer_id] = state
         run = self._pull_zmq if order.transport == ZMQ else self._pull_ipc
-        state.task = asyncio.create_task(run(order, state.gate))
+        state.task = asyncio.create_task(run(order, state.gate, write_after))
         try:
             async with asyncio.timeout(order.timeout):
                 num_bytes = await state.task
@@ -206,7 +214,7 @@ class KVPuller:
 
     # ------------------------------------------------------------------ zmq
 
-    async def _pull_zmq(self, order: KVPull, gate: WriteGate) -> int:
+    async def _pull_zmq(self, order: KVPull, gate: WriteGate, write_after: Callable[[], Awaitable[object]] | None) -> int:
         link = self._link(order.src_address)
         replies = link.open_route(order.transfer_id)
         per = blocks_per_chunk(self.kv_cache, self.chunk_bytes)
@@ -237,6 +245,9 @@ class KVPuller:
                     data = from_wire(reply.data, self.kv_cache, len(dst_ids))
                 except KVLayoutMismatch as exc:
                     raise KVLayoutMismatch(f"{where}: {exc}") from None
+                if write_after is not None:
+                    await write_after()
+                    write_after = None
                 if not await loop.run_in_executor(self._executor, gate.run,
                                                   partial(self._write, dst_ids, data)):
                     raise _Cancelled()
@@ -273,7 +284,7 @@ class KVPuller:
 
     # ------------------------------------------------------------------ cuda-ipc
 
-    async def _pull_ipc(self, order: KVPull, gate: WriteGate) -> int:
+    async def _pull_ipc(self, order: KVPull, gate: WriteGate, write_after: Callable[[], Awaitable[object]] | None) -> int:
         source = await self._ipc_source(order)
         num_src = source.shape[2]
         bad = [b for b in order.src_block_ids if not 0 <= b < num_src]
@@ -287,6 +298,8 @@ class KVPuller:
             launched.append(self._launch_copy(source, order.src_block_ids, order.dst_block_ids))
             return launched[0]
 
+        if write_after is not None:
+            await write_after()
         # Queued from this thread (a few launches, no wait); the gate keeps the event, so a
         # cancel() from now on returns only once the copy is done.
         if not gate.run(launch):
