@@ -226,9 +226,12 @@ class SchedulerService:
         """Send the worker the plans it can take now (see WorkerSlot.next_plan)."""
         if slot.state == DEAD:
             return
-        for plan in self.central.plans(slot, pipeline, time.time()):
+        plans, effects = self.central.plans(slot, pipeline, time.time())
+        for plan in plans:
             if not await self._send(slot, slot.identity, plan):
                 return
+        if effects.messages or effects.kick:
+            await self._apply(effects, pipeline)
 
     async def _apply(self, effects: Effects, pipeline: bool = True, check: bool = False) -> None:
         """Carry out what the central scheduler decided: messages, then plans, then outputs."""
