@@ -18,11 +18,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from pdserve import generate_command, launcher, stage_commands
+    from pdserve import generate_command, launcher, probe_command, stage_commands
 
     generate_command.add_parser(sub)
     launcher.add_parser(sub)
     stage_commands.add_parsers(sub)
+    probe_command.add_parser(sub)
     from pdserve.bench import command as bench_command
 
     bench_command.add_parser(sub)

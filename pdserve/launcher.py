@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     launch: LaunchSettings = s["LaunchSettings"]
     gw: GatewaySettings = s["GatewaySettings"]
     ep: EndpointSettings = s["EndpointSettings"]
-    own_run_dir = ep.run_dir is None and ep.tcp_host is None
+    own_run_dir = ep.run_dir is None and not ep.is_tcp
     run_dir = Path(tempfile.mkdtemp(prefix="pdserve-")) if own_run_dir else Path(ep.run_dir or ".")
     env = child_env(list(s.values()), run_dir)
     workers = worker_plan(launch)
@@ -136,8 +136,7 @@ def run(args: argparse.Namespace) -> int:
             status = 1 if not stopping else 0
             return status
         print(f"pdserve is ready: {url}/v1 (model {s['ModelSettings'].model})", flush=True)
-        where = (f"--tcp-host {ep.tcp_host} --tcp-base-port {ep.tcp_base_port}" if ep.tcp_host
-                 else f"--run-dir {run_dir}")
+        where = tcp_flags(ep) if ep.is_tcp else f"--run-dir {run_dir}"
         print(f"pdserve: add a decode worker with `pdserve worker --role decode {where}`; "
               "SIGTERM to a worker drains it", flush=True)
         while not stopping:
@@ -164,9 +163,16 @@ def run(args: argparse.Namespace) -> int:
         _stop_all(children)
         if own_run_dir:
             shutil.rmtree(run_dir, ignore_errors=True)
-        elif ep.tcp_host is None:
+        elif not ep.is_tcp:
             for path in [*Endpoints.ipc(run_dir).ipc_paths(), *Path(run_dir).glob("kv-*.sock")]:
                 path.unlink(missing_ok=True)
+
+
+def tcp_flags(ep: EndpointSettings) -> str:
+    """The endpoint flags another stage needs to join a tcp stack."""
+    pairs = [("tcp_host", ep.tcp_host), ("tcp_base_port", ep.tcp_base_port),
+             ("scheduler_host", ep.scheduler_host), ("gateway_host", ep.gateway_host)]
+    return " ".join(f"--{name.replace('_', '-')} {value}" for name, value in pairs if value is not None)
 
 
 def _spawn(name: str, cmd: list[str], env: dict[str, str]) -> Child:

@@ -1,6 +1,7 @@
 """`pdserve gateway|tokenizer|detokenizer|scheduler|worker`: each stage as its own process.
 
-Every stage takes its endpoints from --run-dir (ipc) or --tcp-host/--tcp-base-port, or the
+Every stage takes its endpoints from --run-dir (ipc) or --tcp-host/--tcp-base-port (the
+scheduler's and the gateway's hosts each overridable: --scheduler-host, --gateway-host), or the
 PDSERVE_* variables; this is what `pdserve up` and docker compose run. A stage exits cleanly on
 SIGTERM or SIGINT (its sockets closed, no traceback).
 """
@@ -59,12 +60,14 @@ def load_settings(stage: str, args: argparse.Namespace | None) -> dict[str, Any]
 
 
 def endpoints_of(ep: EndpointSettings) -> Endpoints:
-    if ep.run_dir is None and ep.tcp_host is None:
+    if ep.run_dir is None and not ep.is_tcp:
         raise ConfigError(
-            "stages find each other through --run-dir (ipc) or --tcp-host/--tcp-base-port; "
-            "set one (or PDSERVE_RUN_DIR), or use `pdserve up` to start everything"
+            "stages find each other through --run-dir (ipc) or --tcp-host/--tcp-base-port "
+            "(or --scheduler-host/--gateway-host with --tcp-base-port); set them (or their "
+            "PDSERVE_* variables), or use `pdserve up` to start everything"
         )
-    return Endpoints.from_settings(ep.run_dir, ep.tcp_host, ep.tcp_base_port)
+    return Endpoints.from_settings(ep.run_dir, ep.tcp_host, ep.tcp_base_port,
+                                   scheduler_host=ep.scheduler_host, gateway_host=ep.gateway_host)
 
 
 def run_stage(stage: str, args: argparse.Namespace) -> int:

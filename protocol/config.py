@@ -93,12 +93,32 @@ class EndpointSettings(msgspec.Struct, frozen=True, kw_only=True):
     run_dir: str | None = None
     tcp_host: str | None = None
     tcp_base_port: int | None = None
+    scheduler_host: str | None = None
+    gateway_host: str | None = None
+
+    @property
+    def is_tcp(self) -> bool:
+        return self.tcp_base_port is not None
 
     def validate(self) -> None:
-        if (self.tcp_host is None) != (self.tcp_base_port is None):
-            raise ConfigError("tcp_host and tcp_base_port must be given together")
+        check_tcp_settings(self.tcp_host, self.tcp_base_port, self.scheduler_host, self.gateway_host)
         if self.tcp_base_port is not None and not 1 <= self.tcp_base_port <= 65535:
             raise ConfigError(f"tcp_base_port must be in [1, 65535], got {self.tcp_base_port}")
+
+
+def check_tcp_settings(
+    tcp_host: str | None, tcp_base_port: int | None, scheduler_host: str | None = None,
+    gateway_host: str | None = None,
+) -> None:
+    """Raise ConfigError unless the tcp settings are all absent or name a port and both hosts."""
+    per_socket = scheduler_host is not None or gateway_host is not None
+    if not per_socket and (tcp_host is None) != (tcp_base_port is None):
+        raise ConfigError("tcp_host and tcp_base_port must be given together")
+    if per_socket and tcp_base_port is None:
+        raise ConfigError("scheduler_host and gateway_host need tcp_base_port")
+    if per_socket and tcp_host is None and (scheduler_host is None or gateway_host is None):
+        missing = "gateway_host" if gateway_host is None else "scheduler_host"
+        raise ConfigError(f"tcp needs {missing} or tcp_host as well")
 
 
 class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -198,7 +218,8 @@ SETTING_HELP: dict[str, str] = {
     "served_model_name": "model name in the API (default: the --model value)",
     "max_request_bytes": "largest accepted request body (413 past it)",
     "request_timeout": "seconds a request may take before the gateway aborts it",
-    "stage_id": "this process's id (worker id, tokenizer id...); default: stage name + pid",
+    "stage_id": "this process's id (worker id, tokenizer id...); default: stage name, hostname "
+    "and pid (unique across containers, where every pid is 1)",
     "role": "worker role: mixed | prefill | decode",
     "heartbeat_interval": "seconds between liveness messages",
     "liveness_timeout": "seconds of silence after which a process counts as dead",
@@ -215,7 +236,12 @@ SETTING_HELP: dict[str, str] = {
     "ready_timeout": "seconds `pdserve up` waits for every stage to be ready",
     "run_dir": "directory of the ipc:// sockets (default: a fresh temporary directory)",
     "tcp_host": "use tcp:// sockets on this host instead of ipc:// (needs tcp_base_port)",
-    "tcp_base_port": "first of the consecutive tcp ports, one per socket (needs tcp_host)",
+    "tcp_base_port": "first of the consecutive tcp ports, one per socket (needs tcp_host, or "
+    "scheduler_host and gateway_host)",
+    "scheduler_host": "host of the scheduler's tcp sockets (scheduler_in, worker_router, "
+    "detokenizer_in), e.g. a compose service name (default: tcp_host)",
+    "gateway_host": "host of the gateway's tcp sockets (tokenizer_in, gateway_in), e.g. a compose "
+    "service name (default: tcp_host)",
 }
 
 S = TypeVar("S", bound=msgspec.Struct)

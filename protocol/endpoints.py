@@ -1,35 +1,49 @@
 """The ZeroMQ address of every socket of the pipeline, in one struct every process shares.
 
 ipc:// (unix sockets in a run directory) is the default: no ports to collide and no network
-exposure. tcp:// on consecutive ports is there for workers on other hosts. The launcher owns the
-run directory: it decides the default (a fresh temporary directory), hands it in, and removes
-`ipc_paths()` at shutdown.
+exposure. tcp:// on consecutive ports is there for stages on other hosts. Two processes bind the
+pipeline's sockets: the scheduler (scheduler_in, worker_router, detokenizer_in) and the gateway
+(tokenizer_in, gateway_in); every other stage connects. Over tcp each side's sockets may live on
+their own host (`scheduler_host`, `gateway_host`, e.g. compose service names), both defaulting to
+`tcp_host`. The launcher owns the run directory: it decides the default (a fresh temporary
+directory), hands it in, and removes `ipc_paths()` at shutdown.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
 
 import msgspec
 
-from protocol.config import ConfigError
+from protocol.config import ConfigError, check_tcp_settings
 
 # sun_path holds 108 bytes on Linux and 104 on macOS, the terminating NUL included.
 MAX_IPC_PATH_BYTES = 103 if sys.platform == "darwin" else 107
 _IPC = "ipc://"
+_TCP = "tcp://"
+
+# Which process binds each socket (the others connect): its host is that process's host.
+SOCKET_OWNER: dict[str, str] = {
+    "tokenizer_in": "gateway",
+    "scheduler_in": "scheduler",
+    "worker_router": "scheduler",
+    "detokenizer_in": "scheduler",
+    "gateway_in": "gateway",
+}
 
 
 class Endpoints(msgspec.Struct, frozen=True, kw_only=True):
     """One address per socket; field order is the tcp port order."""
 
-    tokenizer_in: str  # gateway -> tokenizer (PULL, bound by the tokenizer)
-    scheduler_in: str  # tokenizer -> scheduler and detokenizer -> scheduler (PULL)
+    tokenizer_in: str  # gateway -> tokenizers (PUSH bound by the gateway)
+    scheduler_in: str  # gateway, tokenizers, detokenizers -> scheduler (PULL bound by the scheduler)
     worker_router: str  # scheduler <-> workers (ROUTER bound by the scheduler, DEALER workers)
-    detokenizer_in: str  # scheduler -> detokenizer (PULL)
-    gateway_in: str  # detokenizer -> gateway (PULL)
+    detokenizer_in: str  # scheduler <-> detokenizers (ROUTER bound by the scheduler)
+    gateway_in: str  # tokenizers, detokenizers, scheduler -> gateway (PULL bound by the gateway)
 
     def __post_init__(self) -> None:
         for name, address in self.items():
@@ -43,33 +57,48 @@ class Endpoints(msgspec.Struct, frozen=True, kw_only=True):
         return cls(**{name: f"{_IPC}{base / f'{name}.sock'}" for name in field_names()})
 
     @classmethod
-    def tcp(cls, host: str, base_port: int) -> Endpoints:
-        """`tcp://{host}:{base_port + i}` for the i-th socket in field order."""
+    def tcp(
+        cls, host: str | None, base_port: int, *, scheduler_host: str | None = None,
+        gateway_host: str | None = None,
+    ) -> Endpoints:
+        """`tcp://{owner's host}:{base_port + i}` for the i-th socket in field order.
+
+        The scheduler's sockets use `scheduler_host`, the gateway's `gateway_host`; each
+        defaults to `host`.
+        """
         names = field_names()
         if not 1 <= base_port <= 65536 - len(names):
             raise ConfigError(
                 f"tcp_base_port must be in [1, {65536 - len(names)}] so its {len(names)} "
                 f"consecutive ports fit, got {base_port}"
             )
-        if not host:
-            raise ConfigError("tcp_host must not be empty")
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"  # IPv6 literal
-        return cls(**{name: f"tcp://{host}:{base_port + i}" for i, name in enumerate(names)})
+        hosts = {"scheduler": scheduler_host or host, "gateway": gateway_host or host}
+        for owner, owner_host in hosts.items():
+            if not owner_host:
+                raise ConfigError(
+                    f"tcp needs the {owner}'s host: give tcp_host or {owner}_host (not empty)"
+                )
+        return cls(**{
+            name: f"{_TCP}{_bracket(hosts[SOCKET_OWNER[name]])}:{base_port + i}"
+            for i, name in enumerate(names)
+        })
 
     @classmethod
     def from_settings(
-        cls, run_dir: str | None, tcp_host: str | None, tcp_base_port: int | None
+        cls, run_dir: str | None, tcp_host: str | None, tcp_base_port: int | None, *,
+        scheduler_host: str | None = None, gateway_host: str | None = None,
     ) -> Endpoints:
-        """tcp when host and port are both given; else ipc under run_dir (created if missing).
+        """tcp when a port and the hosts are given; else ipc under run_dir (created if missing).
 
-        run_dir None means a fresh `tempfile.mkdtemp(prefix="pdserve-")` directory; the caller
-        then finds it in the returned addresses (see `ipc_paths`) and removes it at shutdown.
+        tcp needs tcp_base_port and, for the scheduler's and the gateway's sockets each, a host:
+        scheduler_host / gateway_host, or tcp_host for whichever is not given. run_dir None
+        means a fresh `tempfile.mkdtemp(prefix="pdserve-")` directory; the caller then finds it
+        in the returned addresses (see `ipc_paths`) and removes it at shutdown.
         """
-        if (tcp_host is None) != (tcp_base_port is None):
-            raise ConfigError("tcp_host and tcp_base_port must be given together")
-        if tcp_host is not None and tcp_base_port is not None:
-            return cls.tcp(tcp_host, tcp_base_port)
+        check_tcp_settings(tcp_host, tcp_base_port, scheduler_host, gateway_host)
+        if tcp_base_port is not None:
+            return cls.tcp(tcp_host, tcp_base_port, scheduler_host=scheduler_host,
+                           gateway_host=gateway_host)
         if run_dir is None:
             directory = Path(tempfile.mkdtemp(prefix="pdserve-"))
         else:
@@ -82,7 +111,10 @@ class Endpoints(msgspec.Struct, frozen=True, kw_only=True):
 
         ipc: `kv-{worker_id}.sock` beside the other sockets. tcp: `tcp://{host}:*`, a port the
         worker picks when it binds (its WorkerHello then carries the real address); the host is
-        `kv_host`, or the stack's tcp host when none is given.
+        `kv_host`, or else the scheduler's host when that is an address of this machine (one
+        host, or the worker beside the scheduler), or else this machine's hostname (a container
+        or another host: zmq binds the address the name resolves to here, and that address is
+        what peers are told).
         """
         scheduler = self.worker_router
         if scheduler.startswith(_IPC):
@@ -90,8 +122,8 @@ class Endpoints(msgspec.Struct, frozen=True, kw_only=True):
             path = Path(scheduler[len(_IPC):]).parent / f"kv-{safe}.sock"
             check_ipc_path("kv_peer", path)
             return f"{_IPC}{path}"
-        host = kv_host or scheduler[len("tcp://"):].rsplit(":", 1)[0]
-        return f"tcp://{host}:*"
+        host = kv_host or own_host(_host_of(scheduler))
+        return f"{_TCP}{_bracket(host)}:*"
 
     def items(self) -> list[tuple[str, str]]:
         """(field name, address) pairs in field order."""
@@ -114,3 +146,32 @@ def check_ipc_path(name: str, path: Path) -> None:
             f"{name}: ipc socket path is {length} bytes, longer than the OS allows "
             f"({MAX_IPC_PATH_BYTES}): {path}; choose a shorter --run-dir or use --tcp-host"
         )
+
+
+def own_host(host: str) -> str:
+    """`host` when it names an address of this machine, else this machine's hostname."""
+    return host if is_local_address(host) else socket.gethostname()
+
+
+def is_local_address(host: str) -> bool:
+    """Whether a socket can bind `host` here (every address it resolves to)."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), 0, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    for family, kind, proto, _, address in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.bind(address)  # port 0: nothing is taken
+        except OSError:  # EADDRNOTAVAIL: another machine's address; EAFNOSUPPORT: no IPv6 here
+            return False
+    return bool(infos)
+
+
+def _host_of(tcp_address: str) -> str:
+    return tcp_address[len(_TCP):].rsplit(":", 1)[0]
+
+
+def _bracket(host: str) -> str:
+    """An IPv6 literal in brackets, as zmq wants it in an address."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from pathlib import Path
 
 import zmq
@@ -19,7 +18,7 @@ from protocol.model_files.model_source import resolve_model
 from protocol.codec import Codec
 from protocol.config import ModelSettings, StageSettings
 from protocol.endpoints import Endpoints
-from protocol.liveness import send_heartbeats
+from protocol.liveness import default_stage_id, send_heartbeats
 from protocol.messages import (
     AbortRequests,
     DetokenizerInbound,
@@ -64,7 +63,7 @@ class DetokenizerState:
 
 
 async def serve_detokenizer(model: ModelSettings, stage: StageSettings, endpoints: Endpoints) -> None:
-    stage_id = stage.stage_id or f"detokenizer-{os.getpid()}"
+    stage_id = default_stage_id("detokenizer", stage.stage_id)
     hf_dir = resolve_model(model.model, Path(model.cache_dir).expanduser(),
                            need_weights=model.load_format != "dummy")
     state = DetokenizerState(Tokenizer.from_dir(hf_dir, name=model.model))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from pathlib import Path
 
 import msgspec
@@ -22,7 +21,7 @@ from protocol.model_files.model_config import ModelConfig
 from protocol.codec import Codec
 from protocol.config import ModelSettings, StageSettings
 from protocol.endpoints import Endpoints
-from protocol.liveness import send_heartbeats
+from protocol.liveness import default_stage_id, send_heartbeats
 from protocol.messages import (
     AddRequest,
     GatewayInbound,
@@ -109,7 +108,7 @@ class PromptPreparer:
 
 
 async def serve_tokenizer(model: ModelSettings, stage: StageSettings, endpoints: Endpoints) -> None:
-    stage_id = stage.stage_id or f"tokenizer-{os.getpid()}"
+    stage_id = default_stage_id("tokenizer", stage.stage_id)
     hf_dir = resolve_model(model.model, Path(model.cache_dir).expanduser(),
                            need_weights=model.load_format != "dummy")
     cfg = ModelConfig.from_dir(hf_dir)
