@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.pdserve-installed
 
-.PHONY: install up test test-fast bench-engine bench-service clean
+.PHONY: install up test test-fast test-docker docker-tools bench-engine bench-service clean
 
 install: $(STAMP)
 
@@ -30,6 +30,24 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# The compose stack on a real Docker engine (tests/test_docker_stack.py, a few minutes the first
+# time, under a minute once the base image and the layers are cached).
+test-docker: install docker-tools
+	$(PY) -m pytest -q -m docker tests/test_docker_stack.py
+
+# As root with apt: Debian's engine, docker-compose v1 and mmdebstrap, when missing.
+docker-tools:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=""; \
+	  command -v dockerd >/dev/null || missing="$$missing docker.io"; \
+	  command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	  command -v mmdebstrap >/dev/null || missing="$$missing mmdebstrap"; \
+	  if [ -n "$$missing" ]; then \
+	    (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing) \
+	      || echo "could not install$$missing: the compose test will say why it skips"; \
+	  fi; \
+	fi
 
 bench-engine: install
 	$(PY) tests/benchmarks/bench_engine.py

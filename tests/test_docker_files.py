@@ -241,3 +241,39 @@ def test_dockerignore_sends_only_what_the_image_copies() -> None:
     copied = {shlex.split(a)[0] for kind, a in dockerfile_instructions() if kind == "COPY"}
     assert copied <= allowed
     assert not {".venv", ".git", "tests", "bench-results"} & allowed
+
+
+# ---------------------------------------------------------------- the real-engine test's skip
+
+
+def test_without_an_engine_the_compose_test_says_why(monkeypatch, tmp_path: Path) -> None:
+    from tests import docker_stack
+
+    monkeypatch.setattr(docker_stack, "engine_answers", lambda: False)
+    monkeypatch.setattr(docker_stack.shutil, "which", lambda name: None)
+    with pytest.raises(docker_stack.Unavailable, match="no docker client"):
+        docker_stack.start_engine(tmp_path)
+    monkeypatch.setattr(docker_stack.shutil, "which", lambda name: f"/usr/bin/{name}" if name == "docker" else None)
+    with pytest.raises(docker_stack.Unavailable, match="no dockerd to start"):
+        docker_stack.start_engine(tmp_path)
+
+
+def test_build_arguments_fall_back_to_local_wheels(monkeypatch, tmp_path: Path) -> None:
+    from tests import docker_stack
+
+    (tmp_path / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl").write_bytes(b"")
+    monkeypatch.setenv("PIP_FIND_LINKS", f"{tmp_path} /nonexistent https://example.invalid/w")
+    monkeypatch.setenv("PIP_CERT", "/etc/ssl/certs/ca-certificates.crt")
+    monkeypatch.setattr(docker_stack, "resolves", lambda host: False)
+    assert docker_stack.local_wheel_dirs() == [tmp_path]
+    args = docker_stack.build_args("base:1", ["http://127.0.0.1:1/"])
+    assert args == {"BASE_IMAGE": "base:1", "PIP_FIND_LINKS": "http://127.0.0.1:1/", "TORCH_INDEX_URL": "",
+                    "PIP_TRUSTED_HOST": "pypi.org files.pythonhosted.org"}
+    server = docker_stack.WheelServer([tmp_path])
+    (url,) = server.start()
+    try:
+        import httpx
+
+        assert "torch-2.13.0+cpu" in httpx.get(url, timeout=5).text
+    finally:
+        server.stop()
