@@ -143,3 +143,27 @@ def test_stages_run_alone_and_a_dead_worker_fails_its_requests(smollm2_dir, tmp_
                 p.kill()
                 pytest.fail(f"{name} did not exit on SIGTERM")
         log.close()
+
+
+def test_one_dead_worker_of_two_is_not_fatal_and_restart_workers_brings_it_back(smollm2_dir, tmp_path):
+    srv = start_server(smollm2_dir, tmp_path, "--workers", "2", "--restart-workers",
+                       "--heartbeat-interval", "0.5", "--liveness-timeout", "3")
+    try:
+        def by_id():
+            return {w["id"]: w for w in httpx.get(f"{srv.url}/workers").json()}
+
+        old_pid = by_id()["worker-0"]["pid"]
+        os.kill(old_pid, signal.SIGKILL)
+        r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200  # the other worker serves meanwhile
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            w = by_id().get("worker-0", {})
+            if w.get("state") == "ready" and w.get("pid") != old_pid:
+                break
+            time.sleep(0.5)
+        assert by_id()["worker-0"]["state"] == "ready" and by_id()["worker-0"]["pid"] != old_pid
+        assert srv.proc.poll() is None
+        assert "restarting it" in srv.log.read_text()
+    finally:
+        assert srv.stop() == 0
