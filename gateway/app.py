@@ -77,7 +77,8 @@ class GatewayApp:
              "waiting_requests": w.num_waiting, "steps": w.num_steps,
              "busy_seconds": w.busy_seconds, "transfers_in": w.transfers_in,
              "transfers_out": w.transfers_out, "transfers_done": w.transfers_done,
-             "transfer_bytes": w.transfer_bytes, "transports": w.transports}
+             "transfer_bytes": w.transfer_bytes, "transports": w.transports,
+             "transfers_by_transport": w.transfers_by_transport}
             for w in stats.workers
         ]
         return JSONResponse(rows)

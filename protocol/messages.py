@@ -454,6 +454,7 @@ class WorkerInfo(_Part):
     transfers_done: int = 0  # completed transfers into it since it joined
     transfer_bytes: int = 0  # their bytes
     transports: list[str] = []
+    transfers_by_transport: dict[str, int] = {}  # completed transfers into it, by the path used
 
 
 class TransferRecord(_Part):

@@ -195,6 +195,8 @@ class KVHandoffs:
         if msg.ok:
             t.dst.transfers_done += 1
             t.dst.transfer_bytes += msg.num_bytes
+            by = t.dst.transfers_by_transport
+            by[t.transport] = by.get(t.transport, 0) + 1
             if h.final and not h.parts:
                 self._complete_handoff(h, now, effects)
         elif t.transport == "cuda-ipc":  # same blocks, the portable path

@@ -36,6 +36,7 @@ class WorkerSlot:
     transfers_out: int = 0  # in flight, this worker the source
     transfers_done: int = 0
     transfer_bytes: int = 0
+    transfers_by_transport: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def create(
@@ -79,7 +80,7 @@ class WorkerSlot:
             num_steps=self.num_steps, busy_seconds=round(self.busy_seconds, 6),
             transfers_in=self.transfers_in, transfers_out=self.transfers_out,
             transfers_done=self.transfers_done, transfer_bytes=self.transfer_bytes,
-            transports=list(h.transports),
+            transports=list(h.transports), transfers_by_transport=dict(self.transfers_by_transport),
         )
 
     def next_plan(self, pipeline: bool) -> StepPlan | None:

@@ -156,6 +156,7 @@ def test_concurrent_streams_through_prefill_and_two_decode_workers_equal_offline
     w = workers(server)
     assert w["prefill-0"]["role"] == "prefill" and w["prefill-0"]["transfers_done"] == 0
     assert sum(w[d]["transfers_done"] for d in ("decode-0", "decode-1")) == 12
+    assert sum(w[d]["transfers_by_transport"].get("zmq", 0) for d in ("decode-0", "decode-1")) == 12
     assert all(w[d]["transfers_done"] > 0 for d in ("decode-0", "decode-1"))  # both decode workers used
     assert metric(server, "pdserve:kv_transfers_total", outcome="ok", transport="zmq") == 12
     wait_for(lambda: metric(server, "pdserve:request_kv_transfer_time_seconds_count") == 12, 5,
