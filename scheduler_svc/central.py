@@ -149,6 +149,12 @@ class CentralScheduler(KVHandoffs):
         route = choose_route(list(self.workers.values()), self._hashes(msg.prompt_token_ids),
                              len(msg.prompt_token_ids), self.sched.max_local_prefill_tokens)
         if route is None:
+            ready = [s.hello.max_model_len for s in self.workers.values() if s.is_ready]
+            if ready:
+                raise RequestRejected(
+                    f"the prompt has {len(msg.prompt_token_ids)} tokens but the largest context of a "
+                    f"ready worker is {max(ready)} tokens, which must also hold at least one "
+                    f"generated token", "prompt")
             raise NoWorkerReady("no model worker is ready")
         req = route.slot.scheduler.add_request(msg, prefill_only=route.split)
         self.requests[req.request_id] = req

@@ -49,14 +49,16 @@ def choose_route(
     `hashes` are the chained hashes of the request's full blocks (all workers share one block
     size, checked at registration). None when no worker is ready.
     """
-    ready = [s for s in slots if s.is_ready]
+    # Workers may have different context lengths (each one's cache caps it): only those that can
+    # hold the request and one more token are candidates.
+    ready = [s for s in slots if s.is_ready and num_tokens < s.hello.max_model_len]
     if not ready:
         return None
     prefill = [s for s in ready if s.role == WorkerRole.PREFILL]
     whole = [s for s in ready if s.role != WorkerRole.PREFILL] or prefill
     best_whole = min(whole, key=lambda s: _whole_cost(s, hashes, num_tokens))
     uncached_there = num_tokens - _cached_tokens(best_whole, hashes, num_tokens)
-    if prefill and decode_targets(slots) and uncached_there >= max(1, max_local_prefill_tokens):
+    if prefill and decode_targets(ready) and uncached_there >= max(1, max_local_prefill_tokens):
         best = min(prefill, key=lambda s: _prefill_cost(s, hashes, num_tokens))
         return Route(best, True, _cached_tokens(best, hashes, num_tokens))
     return Route(best_whole, False, num_tokens - uncached_there)

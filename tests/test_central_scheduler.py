@@ -15,6 +15,7 @@ import pytest
 from protocol.messages import AddRequest, KVLayout, KVPullDone
 from protocol.sampling import SamplingParams
 from scheduler_svc.central import NoWorkerReady
+from scheduler_svc.worker_scheduler import RequestRejected
 from tests.central_harness import ABORT, ERROR, LENGTH, BS, Cluster, D, M, P
 from tests.scheduler_harness import toks
 
@@ -365,3 +366,14 @@ def test_random_faults_never_break_the_accounting_or_a_stream(seed: int) -> None
             assert c.outputs[rid] == c.expected(rid, len(c.outputs[rid])), rid  # a prefix, no gap
     assert not c.central.transfers and not c.central.handoffs
     assert all(s.kv.num_requests == 0 for s in c.central.workers.values())
+
+
+def test_a_request_goes_to_a_worker_whose_context_holds_it() -> None:
+    c = Cluster([])
+    c.join("small", M, max_model_len=32)
+    c.join("big", M, max_model_len=256)
+    assert c.add("long", toks(1, 40), max_tokens=3) == "big"
+    with pytest.raises(RequestRejected, match="largest context of a ready worker is 256"):
+        c.central.add(AddRequest("huge", toks(1, 300), SamplingParams(), [], c.now), c.now)
+    c.run()
+    assert c.outputs["long"] == c.expected("long", 3)
