@@ -19,6 +19,11 @@ from pathlib import Path
 
 import httpx
 
+# The README's commands, word for word after `docker compose` (or `docker-compose`); the project
+# name comes from COMPOSE_PROJECT_NAME so that they need no -p.
+UP_DISAGG = "--profile disagg up -d --scale worker=0 --scale decode-worker=3"
+SCALE_TO_ONE = "--profile disagg up -d --scale worker=0 --scale decode-worker=1"
+DOWN = "--profile disagg down"
 BASE_IMAGE = "pdserve-test/bookworm-py311:latest"
 BASE_CACHE = Path(os.environ.get("PDSERVE_DOCKER_CACHE", "~/.cache/pdserve-docker")).expanduser()
 BASE_PACKAGES = "python3,python3-venv,ca-certificates"

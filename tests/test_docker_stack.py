@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 
 from tests.docker_stack import (
+    DOWN,
+    SCALE_TO_ONE,
+    UP_DISAGG,
     Unavailable,
     WheelServer,
     build_args,
@@ -72,13 +75,13 @@ def test_disagg_stack_scales_decode_workers_without_failing_a_request(engine, ca
 
     port = free_port()
     project = f"pdserve-test-{os.getpid()}"
-    env = {**os.environ, "PDSERVE_IMAGE": IMAGE, "PDSERVE_PORT": str(port),
+    env = {**os.environ, "COMPOSE_PROJECT_NAME": project, "PDSERVE_IMAGE": IMAGE, "PDSERVE_PORT": str(port),
            "PDSERVE_NUM_KV_BLOCKS": "256", "PDSERVE_TORCH_THREADS": "1", "PDSERVE_DRAIN_TIMEOUT": "30"}
-    stack = [*compose, "-p", project, "--profile", "disagg"]
+    stack = [*compose, "--profile", "disagg"]
     url = f"http://127.0.0.1:{port}"
     try:
         started = time.monotonic()
-        up = run([*stack, "up", "-d", "--scale", "worker=0", "--scale", "decode-worker=3"],
+        up = run([*compose, *UP_DISAGG.split()],
                  env=env, cwd=ROOT, timeout=600)
         assert up.returncode == 0, up.stderr[-3000:]
         wait_ready(url, 180)
@@ -105,7 +108,7 @@ def test_disagg_stack_scales_decode_workers_without_failing_a_request(engine, ca
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not any(w["running_requests"] for w in workers(url)):
             time.sleep(0.2)
-        down_to_one = run([*stack, "up", "-d", "--scale", "worker=0", "--scale", "decode-worker=1"],
+        down_to_one = run([*compose, *SCALE_TO_ONE.split()],
                           env=env, cwd=ROOT, timeout=300)
         flight.join(300)
         assert down_to_one.returncode == 0, down_to_one.stderr[-3000:]
@@ -116,7 +119,7 @@ def test_disagg_stack_scales_decode_workers_without_failing_a_request(engine, ca
         assert len(listed.stdout.split()) == 1
     finally:
         logs = run([*stack, "logs", "--no-color", "--tail", "30"], env=env, cwd=ROOT)
-        down = run([*stack, "down", "-t", "30"], env=env, cwd=ROOT, timeout=300)
+        down = run([*compose, *DOWN.split()], env=env, cwd=ROOT, timeout=300)
     assert down.returncode == 0, down.stderr[-2000:] + logs.stdout[-4000:]
     left = run(["docker", "ps", "-a", "-q", "--filter", f"label=com.docker.compose.project={project}"])
     assert left.stdout.split() == []
