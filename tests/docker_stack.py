@@ -23,6 +23,7 @@ import httpx
 # name comes from COMPOSE_PROJECT_NAME so that they need no -p.
 UP_DISAGG = "--profile disagg up -d --scale worker=0 --scale decode-worker=3"
 SCALE_TO_ONE = "--profile disagg up -d --scale worker=0 --scale decode-worker=1"
+SCALE_TO_TWO = "--profile disagg up -d --scale worker=0 --scale decode-worker=2"
 DOWN = "--profile disagg down"
 BASE_IMAGE = "pdserve-test/bookworm-py311:latest"
 BASE_CACHE = Path(os.environ.get("PDSERVE_DOCKER_CACHE", "~/.cache/pdserve-docker")).expanduser()

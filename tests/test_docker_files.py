@@ -297,10 +297,10 @@ def test_build_arguments_fall_back_to_local_wheels(monkeypatch, tmp_path: Path) 
 
 
 def test_the_readme_shows_the_compose_commands_the_real_engine_test_runs() -> None:
-    from tests.docker_stack import DOWN, SCALE_TO_ONE, UP_DISAGG
+    from tests.docker_stack import DOWN, SCALE_TO_ONE, SCALE_TO_TWO, UP_DISAGG
 
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## Docker Compose"):readme.index("## Configuration")]
     commands = [line.split("#")[0].strip() for line in section.splitlines() if line.startswith("docker compose ")]
-    for args in (UP_DISAGG, SCALE_TO_ONE, DOWN):
+    for args in (UP_DISAGG, SCALE_TO_ONE, SCALE_TO_TWO, DOWN):
         assert f"docker compose {args}" in commands

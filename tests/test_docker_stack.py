@@ -1,7 +1,7 @@
 """The compose stack on a real Docker engine: build the image, `up` the disagg profile with three
 decode workers, stream chat completions through the published gateway port, see every decode
-worker serve, scale to one decode worker with requests in flight (none fails), `down`, nothing
-left running.
+worker serve, scale to one decode worker with requests in flight (none fails), scale back to two
+(the new one registers and serves), `down`, nothing left running.
 
 Runs where an engine answers `docker info` or can be started here (root and `dockerd`: Debian's
 docker.io); otherwise it skips and says why. The base image is a Debian bookworm root file
@@ -22,6 +22,7 @@ import pytest
 from tests.docker_stack import (
     DOWN,
     SCALE_TO_ONE,
+    SCALE_TO_TWO,
     UP_DISAGG,
     Unavailable,
     WheelServer,
@@ -117,6 +118,21 @@ def test_disagg_stack_scales_decode_workers_without_failing_a_request(engine, ca
         assert states == ["drained", "drained", "ready"]
         listed = run([*stack, "ps", "-q", "decode-worker"], env=env, cwd=ROOT)
         assert len(listed.stdout.split()) == 1
+
+        # A decode worker started into the running stack registers and gets work.
+        before = {w["id"] for w in workers(url)}
+        up_again = run([*compose, *SCALE_TO_TWO.split()], env=env, cwd=ROOT, timeout=300)
+        assert up_again.returncode == 0, up_again.stderr[-3000:]
+        joined: list[str] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not joined:
+            joined = [w["id"] for w in workers(url) if w["id"] not in before and w["state"] == "ready"]
+            time.sleep(0.5)
+        assert len(joined) == 1, workers(url)
+        done = run_requests(url, [long_prompt(200 + i) for i in range(6)], 16)
+        assert [(c.error, c.finish_reason, c.chunks) for c in done] == [(None, "length", 16)] * 6
+        newcomer = next(w for w in workers(url) if w["id"] == joined[0])
+        assert newcomer["role"] == "decode" and newcomer["transfers_done"] > 0, newcomer
     finally:
         logs = run([*stack, "logs", "--no-color", "--tail", "30"], env=env, cwd=ROOT)
         down = run([*compose, *DOWN.split()], env=env, cwd=ROOT, timeout=300)
