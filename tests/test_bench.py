@@ -20,7 +20,8 @@ from pdserve.bench.client import (RequestRecord, SSEParser, StreamError, StreamT
                                   build_payload)
 from pdserve.bench.command import is_local_url
 from pdserve.bench.datasets import (WORDS, BenchRequest, ShareGPTLimits, estimated_tokens,
-                                    length_range, random_requests, sharegpt_requests)
+                                    length_range, random_requests, shared_prefix_requests,
+                                    sharegpt_requests)
 from pdserve.bench.runner import poisson_arrival_times, run_schedule
 from pdserve.cli import build_parser, main
 
@@ -303,6 +304,19 @@ def test_random_requests_in_words():
         length_range(10, 1.0)
 
 
+def test_shared_prefix_requests_share_few_long_prefixes_in_words():
+    reqs = shared_prefix_requests(12, 3, 50, 10, 6, 0.0, seed=4)
+    assert reqs == shared_prefix_requests(12, 3, 50, 10, 6, 0.0, seed=4)
+    heads = [" ".join(r.prompt.split(" ")[:50]) for r in reqs]
+    assert len(set(heads)) == 3 and all(heads.count(h) == 4 for h in set(heads))  # each used 4 times
+    tails = [" ".join(r.prompt.split(" ")[50:]) for r in reqs]
+    assert len(set(tails)) == 12  # every request has its own question
+    assert [(r.prompt_len, r.max_tokens) for r in reqs] == [(60, 6)] * 12
+    assert all(len(r.prompt.split(" ")) == 60 for r in reqs)
+    with pytest.raises(ValueError):
+        shared_prefix_requests(4, 0, 50, 10, 6, 0.0, seed=4)
+
+
 def _conv(*turns: tuple[str, str]) -> dict:
     return {"id": "x", "conversations": [{"from": f, "value": v} for f, v in turns]}
 
@@ -361,6 +375,10 @@ def test_random_and_sharegpt_with_smollm2_tokenizer(smollm2_dir: Path, tmp_path:
     path.write_text(json.dumps([_conv(("human", prompt), ("gpt", reply))]))
     (r,) = sharegpt_requests(path, 1, seed=0, tokenizer=tok)
     assert r.prompt_len == len(tok.encode(prompt)) and r.max_tokens == len(tok.encode(reply, add_special_tokens=False))
+    shared = shared_prefix_requests(8, 2, 64, 16, 4, 0.0, seed=3, tokenizer=tok)
+    ids = [tok.encode(r.prompt, add_special_tokens=True) for r in shared]
+    assert [len(i) for i in ids] == [r.prompt_len for r in shared]
+    assert len({tuple(i[:64]) for i in ids}) == 2  # token-level sharing: what prefix caching sees
 
 
 # ---------------------------------------------------------------- command line

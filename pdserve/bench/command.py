@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="model name to send (default: the first of GET /v1/models)")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
                    help="bearer token (default $OPENAI_API_KEY)")
-    p.add_argument("--dataset", choices=("random", "sharegpt"), default="random")
+    p.add_argument("--dataset", choices=("random", "shared-prefix", "sharegpt"), default="random")
     p.add_argument("--dataset-path", type=Path, help="the ShareGPT JSON file (--dataset sharegpt)")
     p.add_argument("--num-prompts", type=int, default=100, help="requests to send (default 100)")
     p.add_argument("--seed", type=int, default=0, help="seed for prompts and arrivals (default 0)")
@@ -49,6 +49,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-range-ratio", type=float, default=0.0,
                    help="lengths drawn uniformly from len*(1-r)..len*(1+r), 0 <= r < 1")
     p.add_argument("--sharegpt-output-len", type=int, help="override max_tokens of ShareGPT requests")
+    p.add_argument("--num-prefixes", type=int, default=4,
+                   help="shared-prefix: distinct shared system prompts (default 4)")
+    p.add_argument("--prefix-len", type=int, default=512,
+                   help="shared-prefix: length of each shared prompt, like --random-input-len (default 512)")
     p.add_argument("--request-rate", type=float, default=math.inf,
                    help="requests per second, Poisson arrivals (default inf = all at once)")
     p.add_argument("--max-concurrency", type=int, help="cap on requests in flight")
@@ -65,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def build_requests(args: argparse.Namespace) -> list[BenchRequest]:
-    from pdserve.bench.datasets import random_requests, sharegpt_requests
+    from pdserve.bench.datasets import random_requests, shared_prefix_requests, sharegpt_requests
 
     tokenizer = None
     if args.tokenizer is not None:
@@ -75,6 +79,10 @@ def build_requests(args: argparse.Namespace) -> list[BenchRequest]:
     if args.dataset == "random":
         return random_requests(args.num_prompts, args.random_input_len, args.random_output_len,
                                args.random_range_ratio, args.seed, tokenizer)
+    if args.dataset == "shared-prefix":
+        return shared_prefix_requests(args.num_prompts, args.num_prefixes, args.prefix_len,
+                                      args.random_input_len, args.random_output_len,
+                                      args.random_range_ratio, args.seed, tokenizer)
     if args.dataset_path is None:
         raise ValueError("--dataset sharegpt needs --dataset-path")
     requests = sharegpt_requests(args.dataset_path, args.num_prompts, args.seed, tokenizer,

@@ -1,4 +1,5 @@
-"""Benchmark prompts: `random` (synthetic, length-controlled) and `sharegpt` (real conversations).
+"""Benchmark prompts: `random` (synthetic, length-controlled), `shared-prefix` (random questions
+behind a few long shared system prompts) and `sharegpt` (real conversations).
 
 Lengths are only as exact as the length unit allows. Without a tokenizer a length is counted in
 *words*: random prompts are that many common English words (most of them one token each in
@@ -77,6 +78,34 @@ def random_requests(num: int, input_len: int, output_len: int, range_ratio: floa
         else:
             prompt = exact_token_prompt(tokenizer, words, n_in, rng)
         requests.append(BenchRequest(prompt, n_in, n_out))
+    return requests
+
+
+def shared_prefix_requests(num: int, num_prefixes: int, prefix_len: int, input_len: int, output_len: int,
+                           range_ratio: float, seed: int, tokenizer: Tokenizer | None = None
+                           ) -> list[BenchRequest]:
+    """`num` prompts, each one of `num_prefixes` long shared "system prompts" (`prefix_len`
+    tokens, or words without a tokenizer) followed by its own random question (`input_len`,
+    drawn as in random_requests): the load where prefix caching and KV-aware routing pay.
+    Prompts cycle through the prefixes in a seeded shuffled order."""
+    if num_prefixes < 1 or prefix_len < 1:
+        raise ValueError("--num-prefixes and --prefix-len must be >= 1")
+    rng = random.Random(seed)
+    words = WORDS if tokenizer is None else single_token_words(tokenizer)
+    prefixes = []
+    for _ in range(num_prefixes):
+        if tokenizer is None:
+            prefixes.append(" ".join(rng.choice(words) for _ in range(prefix_len)))
+        else:
+            prefixes.append(exact_token_prompt(tokenizer, words, prefix_len, rng))
+    questions = random_requests(num, input_len, output_len, range_ratio, seed + 1, None if tokenizer is None else tokenizer)
+    order = [i % num_prefixes for i in range(num)]
+    rng.shuffle(order)
+    requests = []
+    for which, q in zip(order, questions):
+        prompt = prefixes[which] + " " + q.prompt.lstrip()
+        n = len(tokenizer.encode(prompt, add_special_tokens=True)) if tokenizer is not None else prefix_len + q.prompt_len
+        requests.append(BenchRequest(prompt, n, q.max_tokens))
     return requests
 
 
