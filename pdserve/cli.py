@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pdserve.bench import command as bench_command
 
     bench_command.add_parser(sub)
+    from pdserve.sweep import command as sweep_command
+
+    sweep_command.add_parser(sub)
     return parser
 
 
