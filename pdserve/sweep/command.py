@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
             report.save(path, results)
             bar.update(len(mine))
             continue
+        if stack.command is not None:
+            results["layouts"][layout.name]["command"] = stack.command[2:]
         try:
             warm = runner.build_workload(exp, seed=10_000)[:4]
             asyncio.run(runner.run_point(stack.url, warm, "concurrency", 4, seed=0))

@@ -20,6 +20,7 @@ def point_key(layout: str, kind: str, load: float, rep: int) -> str:
 
 def new_results(exp: Experiment, command: list[str]) -> dict[str, Any]:
     return {"experiment": exp.name, "command": command, "commit": _commit(), "machine": _machine(),
+            "date": __import__("time").strftime("%Y-%m-%d %H:%M:%S %Z"),
             "slo": {"ttft_ms": exp.slo.ttft_ms, "tpot_ms": exp.slo.tpot_ms, "itl_ms": exp.slo.itl_ms,
                     "attainment": exp.slo.attainment},
             "layouts": {l.name: {"flags": l.flags, "base_url": l.base_url, "workers": _workers(exp, l.name)}
