@@ -71,9 +71,14 @@ def run(args: argparse.Namespace) -> int:
             asyncio.run(runner.run_point(stack.url, warm, "concurrency", 4, seed=0))
             for _, kind, load, rep in mine:
                 bar.set_postfix_str(f"{layout.name}: {kind} {load:g}, rep {rep}")
-                requests = runner.build_workload(exp, seed=exp.workload.seed + rep)
+                # New prompts at every point and repetition (no prefix-cache hits from an earlier
+                # one), the same ones in every layout.
+                index = exp.points.index((kind, load))
+                requests = runner.build_workload(exp, seed=exp.workload.seed + 1000 * index + rep)
+                sent = tqdm(total=len(requests), desc="  requests", unit="req", leave=False, file=sys.stderr)
                 try:
-                    point = asyncio.run(runner.run_point(stack.url, requests, kind, load, seed=rep))
+                    point = asyncio.run(runner.run_point(stack.url, requests, kind, load, seed=rep,
+                                                         on_done=sent.update))
                 except Exception as exc:  # one bad point must not end the sweep
                     results["failed"].append({"layout": layout.name, "kind": kind, "load": load, "rep": rep,
                                               "error": f"{type(exc).__name__}: {exc}"})
@@ -84,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
                         "summary": summarize(records, point["duration"], slo, point["not_sent"]),
                         "attainment": attainment(records, exp.slo), "server_phases": point["server_phases"],
                         "busy_seconds": point["busy_seconds"]})
+                sent.close()
                 report.save(path, results)
                 bar.update(1)
         finally:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,8 +126,9 @@ def build_workload(exp: Experiment, seed: int) -> list[BenchRequest]:
 
 
 async def run_point(url: str, requests: list[BenchRequest], kind: str, load: float, seed: int,
-                    timeout: float = 600.0) -> dict[str, Any]:
-    """One load point: the records, duration, and the server's phases and workers around it."""
+                    timeout: float = 600.0, on_done: Callable[[], object] | None = None) -> dict[str, Any]:
+    """One load point: the records, duration, and the server's phases and workers around it.
+    `on_done` is called as each request ends (progress)."""
     concurrency = int(load) if kind == "concurrency" else None
     rate = load if kind == "rate" else math.inf
     limits = httpx.Limits(max_connections=concurrency or len(requests))
@@ -136,7 +138,10 @@ async def run_point(url: str, requests: list[BenchRequest], kind: str, load: flo
 
         async def send(index: int, request: BenchRequest) -> RequestRecord:
             payload = build_payload("completions", model, request, True, 0.0)
-            return await send_request(client, target, payload, index, request.prompt_len, timeout)
+            record = await send_request(client, target, payload, index, request.prompt_len, timeout)
+            if on_done is not None:
+                on_done()
+            return record
 
         workers_before = (await client.get(f"{url}/workers")).json()
         before = await server_phases.scrape(client, url)
