@@ -152,6 +152,10 @@ def test_one_dead_worker_of_two_is_not_fatal_and_restart_workers_brings_it_back(
         def by_id():
             return {w["id"]: w for w in httpx.get(f"{srv.url}/workers").json()}
 
+        deadline = time.monotonic() + 60  # /ready needs one worker; wait for both to register
+        while time.monotonic() < deadline and not {"worker-0", "worker-1"} <= {
+                i for i, w in by_id().items() if w["state"] == "ready"}:
+            time.sleep(0.3)
         old_pid = by_id()["worker-0"]["pid"]
         os.kill(old_pid, signal.SIGKILL)
         r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 4}, timeout=60)
