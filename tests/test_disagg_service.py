@@ -44,6 +44,9 @@ def server(smollm2_dir, tmp_path_factory):
                        "--check-integrity-interval", "0.5", "--kv-transfer-timeout", "2",
                        "--heartbeat-interval", "0.5", "--liveness-timeout", "4", "--drain-timeout", "30",
                        "--max-num-seqs", "32")
+    # /ready needs one model worker: wait until all three have registered.
+    wait_for(lambda: {"prefill-0", "decode-0", "decode-1"} <= {
+        i for i, w in workers(srv).items() if w["state"] == "ready"}, 120, "every worker to register")
     yield srv
     srv.stop()
 
