@@ -82,3 +82,30 @@ def start_server(model_dir: Path, tmp: Path, *extra: str, ready_timeout: float =
         raise RuntimeError(f"pdserve up exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
     proc.kill()
     raise RuntimeError(f"pdserve up not ready in {ready_timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def stream_chats(url: str, model: str, conversations: list[list[dict]], max_tokens: int) -> list[tuple[str, int]]:
+    """Greedy streamed chat completions, all at once, through the openai SDK: (text, completion
+    tokens) of each, in order."""
+    import asyncio
+
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+    async def one(messages: list[dict]) -> tuple[str, int]:
+        stream = await client.chat.completions.create(
+            model=model, messages=messages, temperature=0, max_tokens=max_tokens, stream=True,
+            stream_options={"include_usage": True})
+        text, usage = [], None
+        async for chunk in stream:
+            if chunk.choices:
+                text.append(chunk.choices[0].delta.content or "")
+            if chunk.usage:
+                usage = chunk.usage
+        return "".join(text), usage.completion_tokens
+
+    async def all_() -> list[tuple[str, int]]:
+        return list(await asyncio.gather(*(one(m) for m in conversations)))
+
+    return asyncio.run(all_())

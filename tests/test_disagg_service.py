@@ -22,13 +22,12 @@ import sys
 import time
 
 import httpx
-import openai
 import pytest
 
 from pdserve.offline_engine import OfflineEngine, make_request
 from protocol.config import CacheSettings, ModelSettings, SchedulerSettings
 from protocol.sampling import SamplingParams
-from tests.service_fixture import start_server
+from tests.service_fixture import start_server, stream_chats
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"
@@ -137,24 +136,7 @@ def done(results) -> list[tuple[str, int]]:
 def test_concurrent_streams_through_prefill_and_two_decode_workers_equal_offline(server, offline, smollm2_tokenizer):
     convs = [messages(f"Tell me one fact about the number {i}.") for i in range(12)]
     expected = expected_texts(offline, smollm2_tokenizer, convs, 24)
-    aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-
-    async def one(conv):
-        stream = await aclient.chat.completions.create(
-            model=MODEL, messages=conv, temperature=0, max_tokens=24, stream=True,
-            stream_options={"include_usage": True})
-        text, usage = [], None
-        async for chunk in stream:
-            if chunk.choices:
-                text.append(chunk.choices[0].delta.content or "")
-            if chunk.usage:
-                usage = chunk.usage
-        return "".join(text), usage.completion_tokens
-
-    async def all_():
-        return await asyncio.gather(*(one(c) for c in convs))
-
-    got = asyncio.run(all_())
+    got = stream_chats(server.url, MODEL, convs, 24)
     assert got == expected
     w = workers(server)
     assert w["prefill-0"]["role"] == "prefill" and w["prefill-0"]["transfers_done"] == 0

@@ -6,7 +6,6 @@ engine on the same model for greedy outputs.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import subprocess
@@ -21,7 +20,7 @@ import pytest
 from protocol.config import CacheSettings, ModelSettings, SchedulerSettings
 from protocol.sampling import SamplingParams
 from pdserve.offline_engine import OfflineEngine, make_request
-from tests.service_fixture import start_server
+from tests.service_fixture import start_server, stream_chats
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"
@@ -108,24 +107,7 @@ def test_chat_and_completions_stream_and_not(server, client):
 def test_32_simultaneous_streams_equal_offline_engine(server, offline, smollm2_tokenizer):
     questions = [f"Tell me one fact about the number {i}." for i in range(32)]
     expected = offline_texts(offline, smollm2_tokenizer, questions, 24)
-    aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-
-    async def one(q):
-        stream = await aclient.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": q}], temperature=0, max_tokens=24,
-            stream=True, stream_options={"include_usage": True})
-        text, usage = [], None
-        async for chunk in stream:
-            if chunk.choices:
-                text.append(chunk.choices[0].delta.content or "")
-            if chunk.usage:
-                usage = chunk.usage
-        return "".join(text), usage.completion_tokens
-
-    async def all_():
-        return await asyncio.gather(*(one(q) for q in questions))
-
-    got = asyncio.run(all_())
+    got = stream_chats(server.url, MODEL, [[{"role": "user", "content": q}] for q in questions], 24)
     assert got == expected
 
 
