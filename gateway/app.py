@@ -75,7 +75,8 @@ class GatewayApp:
              "device": w.device, "state": w.state, "blocks_total": w.num_blocks_total,
              "blocks_used": w.num_blocks_used, "running_requests": w.num_running,
              "waiting_requests": w.num_waiting, "steps": w.num_steps,
-             "busy_seconds": w.busy_seconds, "transfers_in": w.transfers_in,
+             "busy_seconds": w.busy_seconds, "gpu_seconds": w.gpu_seconds,
+             "gpu_gap_seconds": w.gpu_gap_seconds, "transfers_in": w.transfers_in,
              "transfers_out": w.transfers_out, "transfers_done": w.transfers_done,
              "transfer_bytes": w.transfer_bytes, "transports": w.transports,
              "transfers_by_transport": w.transfers_by_transport}

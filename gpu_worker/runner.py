@@ -20,6 +20,7 @@ import torch
 from gpu_worker.backends.executor import EagerExecutor, StepExecutor
 from gpu_worker.backends.select import decode_kernel as _decode_kernel  # noqa: F401 (tests use it)
 from gpu_worker.backends.select import select_backend
+from gpu_worker.inflight import PLACEHOLDER, DeviceTimer, InFlightStep
 from gpu_worker.kv_cache import (
     activation_reserve_bytes, allocate_kv_cache, graph_reserve_bytes, measure_peak_bytes, plan_kv_cache,
 )
@@ -98,6 +99,9 @@ class ModelRunner:
             cfg, plan.num_blocks, self.block_size, self.device, self.dtype
         )
         self.seqs = SequenceTable(self.block_size)
+        self.overlap = _overlap(model_settings.overlap_steps, self.device)
+        self._last_finish = 0.0  # perf_counter when the last step's result was built
+        self._last_timer: DeviceTimer | None = None  # the last finished step's device events
         self.executor: StepExecutor = EagerExecutor(self.model, self.backend, self.kv_caches, self.device)
         graph_note = ""
         if graph_sizes:
@@ -162,36 +166,111 @@ class ModelRunner:
     def reset(self) -> None:
         """Forget every sequence (the scheduler lost track of this worker and starts over)."""
         self.seqs = SequenceTable(self.block_size)
+        self._last_timer = None
+
+    def fail(self, plan: StepPlan) -> None:
+        """A plan could not run: forget its sequences; later plans that still list them (sent
+        before the scheduler heard of the failure) skip them instead of failing too."""
+        self.seqs.fail(plan)
 
     def execute(self, plan: StepPlan) -> StepResult:
-        start = time.perf_counter()
+        """Run one step to the end: launch it, then wait for its tokens."""
+        return self.finish(self.launch(plan))
+
+    def launch(self, plan: StepPlan, previous: InFlightStep | None = None) -> InFlightStep:
+        """Queue the step's device work and return without waiting for its samples.
+
+        `previous` is the step launched before this one whose tokens may not be on the host yet:
+        its samples are fed to this step on the device. When a sampling row here needs its
+        token history (penalties), the previous step is resolved first.
+        """
+        launched_at = time.perf_counter()
+        timer = DeviceTimer.started(self.device)
         scheduled = self.seqs.apply(plan)
-        if not scheduled:
-            return StepResult(plan.step_id, self.worker_id, [], np.empty(0, dtype=np.int64))
+        pending = previous is not None and not previous.resolved
+        if pending and any(s.samples and _needs_history(s.state.params) for s in scheduled):
+            previous.resolve()  # type: ignore[union-attr]
+            pending = False
         step = build_step_inputs(scheduled, self.block_size)
-        logits = self.executor.forward(step)
-        result = self._sample(plan.step_id, [scheduled[i].state for i in step.sample_seqs], logits)
+        states = [scheduled[i].state for i in step.sample_seqs]
+        fed = None
+        if pending and step.num_tokens:
+            fed = previous.feed(step.input_ids, step.query_start,  # type: ignore[union-attr]
+                                [s.state.request_id for s in scheduled], self.device)
+        logits = self.executor.forward(step, fed) if scheduled else None
         for s in scheduled:
             s.state.num_computed_tokens = s.num_computed + s.num_scheduled
-        result.execute_seconds = time.perf_counter() - start
+        return self._sample(plan.step_id, states, logits, timer, launched_at)
+
+    def finish(self, step: InFlightStep) -> StepResult:
+        """Wait for a launched step's samples and report them."""
+        tokens = step.resolve()
+        logprobs = None
+        if step.host_logprobs is not None:
+            ids, values, ranks = (t.numpy() for t in step.host_logprobs)
+            logprobs = TokenLogprobs(token_ids=ids, logprobs=values, ranks=ranks)
+        now = time.perf_counter()
+        result = StepResult(step.step_id, self.worker_id, [s.request_id for s in step.states],
+                            tokens.copy(), logprobs)
+        # Overlapped steps overlap in time too: count each wall second once.
+        result.execute_seconds = now - max(step.launched_at, self._last_finish)
+        self._last_finish = now
+        if step.timer is not None:
+            result.gpu_seconds = step.timer.start.elapsed_time(step.timer.end) / 1e3
+            if self._last_timer is not None:
+                result.gpu_gap_seconds = max(0.0, self._last_timer.end.elapsed_time(step.timer.start) / 1e3)
+            self._last_timer = step.timer
         return result
 
-    def _sample(self, step_id: int, states: list[SeqState], logits: torch.Tensor) -> StepResult:
-        if not states:
-            return StepResult(step_id, self.worker_id, [], np.empty(0, dtype=np.int64))
+    def starved(self) -> None:
+        """The worker had no step to run: the next device gap is for want of work, not overhead."""
+        self._last_timer = None
+
+    def _sample(self, step_id: int, states: list[SeqState], logits: torch.Tensor | None,
+                timer: DeviceTimer | None, launched_at: float) -> InFlightStep:
         rows = [_sampling_row(s) for s in states]
-        out = sample(logits, SamplingBatch.build(rows, logits.shape[-1], self.device))
-        tokens = out.token_ids.cpu().numpy()
-        for state, tok in zip(states, tokens.tolist()):
-            state.token_ids.append(tok)
-        logprobs = None
-        if out.logprobs is not None:
-            logprobs = TokenLogprobs(
-                token_ids=out.logprobs.token_ids.cpu().numpy(),
-                logprobs=out.logprobs.logprobs.cpu().numpy(),
-                ranks=out.logprobs.ranks.cpu().numpy(),
-            )
-        return StepResult(step_id, self.worker_id, [s.request_id for s in states], tokens, logprobs)
+        if states:
+            assert logits is not None
+            out = sample(logits, SamplingBatch.build(rows, logits.shape[-1], self.device))
+            tokens, lp = out.token_ids, out.logprobs
+        else:
+            tokens, lp = torch.zeros(0, dtype=torch.int64, device=self.device), None
+        host_tokens = _to_host(tokens)
+        host_logprobs = None if lp is None else (_to_host(lp.token_ids), _to_host(lp.logprobs), _to_host(lp.ranks))
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        if timer is not None:
+            timer.end.record()
+        slots = []
+        for s in states:
+            slots.append(len(s.token_ids))
+            s.token_ids.append(PLACEHOLDER)
+        return InFlightStep(
+            step_id=step_id, states=states, slots=slots, tokens=tokens, host_tokens=host_tokens,
+            host_logprobs=host_logprobs, done=done, timer=timer, launched_at=launched_at,
+            rows_by_request={s.request_id: i for i, s in enumerate(states)},
+        )
+
+
+def _overlap(setting: str, device: torch.device) -> bool:
+    """auto: overlap on CUDA only. On CPU a launch runs the whole step, so overlapping would
+    only hold step N's result until N+1 has been computed."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A device tensor's copy on the host, queued without waiting (pinned memory on CUDA)."""
+    if tensor.device.type != "cuda":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+def _needs_history(p) -> bool:
+    """Sampling that reads the sequence's earlier tokens (so they must be on the host)."""
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
 def _sampling_row(state: SeqState) -> SamplingRow:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gpu_worker.inflight import pinned_to_device
 from gpu_worker.sampling_noise import noise_key
 
 # Temperatures below this are greedy (as in vLLM): dividing by them would overflow anyway.
@@ -215,5 +216,5 @@ def _flat_index(rows_tokens: list[tuple[int, Sequence[int]]], vocab_size: int) -
 def _to_device(parts: list[np.ndarray], dtype: type, device: torch.device) -> list[torch.Tensor]:
     """One host-to-device copy for many small arrays, split back into views on the device."""
     sizes = [int(p.size) for p in parts]
-    packed = torch.from_numpy(np.concatenate(parts).astype(dtype, copy=False)).to(device)
+    packed = pinned_to_device(np.concatenate(parts).astype(dtype, copy=False), device)
     return list(torch.split(packed, sizes))

@@ -46,17 +46,28 @@ class ScheduledSeq:
         return self.num_computed + self.num_scheduled == len(self.state.token_ids)
 
 
+# Failed request ids kept so that plans sent before the scheduler heard of a failure skip them.
+MAX_FAILED_REMEMBERED = 65536
+
+
 class SequenceTable:
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
         self.seqs: dict[str, SeqState] = {}
+        self.failed: dict[str, None] = {}  # insertion-ordered set of requests whose step failed
 
     def apply(self, plan: StepPlan) -> list[ScheduledSeq]:
-        """Forget finished sequences, admit new ones, extend cached ones; return this step's."""
+        """Forget finished sequences, admit new ones, extend cached ones; return this step's.
+
+        Cached sequences of requests whose earlier step failed are skipped: the scheduler
+        planned this step before it heard of the failure, and has failed those requests since.
+        """
         for rid in plan.finished_request_ids:
             self.seqs.pop(rid, None)
+            self.failed.pop(rid, None)
         scheduled = [self._admit(s) for s in plan.new_seqs]
-        scheduled += [self._extend(s) for s in plan.cached_seqs]
+        scheduled += [self._extend(s) for s in plan.cached_seqs
+                      if not (s.request_id in self.failed and s.request_id not in self.seqs)]
         for item in scheduled:
             end = item.num_computed + item.num_scheduled
             if end > len(item.state.token_ids):
@@ -70,6 +81,14 @@ class SequenceTable:
                     f"its {len(item.state.block_ids)} blocks hold {len(item.state.block_ids) * self.block_size}"
                 )
         return scheduled
+
+    def fail(self, plan: StepPlan) -> None:
+        """Forget the sequences of a plan that could not run, remembering their ids."""
+        for s in [*plan.new_seqs, *plan.cached_seqs]:
+            self.seqs.pop(s.request_id, None)
+            self.failed[s.request_id] = None
+        while len(self.failed) > MAX_FAILED_REMEMBERED:
+            del self.failed[next(iter(self.failed))]
 
     def _admit(self, s: NewSeq) -> ScheduledSeq:
         params = s.params

@@ -3,8 +3,8 @@
 Handshake: load the model, then send WorkerHello (blocks, block size, context length, KV layout,
 the address of its KV peer socket). After that every StepPlan is answered by one StepResult, or by
 a WorkerError if the step raised, in plan order, and a Heartbeat goes out every interval. Steps
-run in their own thread (StepThread), so heartbeats keep flowing while the model computes (torch
-releases the GIL in its kernels). KV blocks move between workers beside the steps: this worker
+run in their own thread (gpu_worker.step_thread), so heartbeats keep flowing while the model
+computes (torch releases the GIL in its kernels). KV blocks move between workers beside the steps: this worker
 serves its blocks to peers (KVPeerServer) and pulls blocks the scheduler orders (KVPull ->
 KVPullDone). A scheduler that does not know this worker (it restarted, or declared the worker
 dead after a stall) answers WorkerUnknown: the worker drops its sequences and registers again.
@@ -17,20 +17,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import queue
 import signal
 import socket
-import threading
 import time
-import traceback
 from pathlib import Path
 
-import torch
 import zmq
 import zmq.asyncio
 
 from gpu_worker.kv_transfer import KVPeerServer, KVPuller
 from gpu_worker.runner import ModelRunner
+from gpu_worker.step_thread import StepThread
 from protocol.codec import Codec
 from protocol.config import CacheSettings, ConfigError, ModelSettings, SchedulerSettings, StageSettings
 from protocol.endpoints import Endpoints
@@ -43,11 +40,9 @@ from protocol.messages import (
     KVPull,
     Shutdown,
     StepPlan,
-    StepResult,
     ToWorker,
     WorkerAccepted,
     WorkerDraining,
-    WorkerError,
     WorkerHello,
     WorkerRefused,
     WorkerRole,
@@ -192,98 +187,6 @@ def node_id() -> str:
     except OSError:
         boot = ""
     return f"{boot}:{socket.gethostname()}" if boot else socket.gethostname()
-
-
-class StepThread:
-    """The one thread that drives torch for the worker's whole life.
-
-    OpenMP keeps one thread team per calling thread, so steps hopping between threads would
-    oversubscribe the cores. Plans queue up here as they arrive and run back to back: when the
-    scheduler has sent step N+1 before N finished, N+1 starts the moment N ends, with no hop
-    through the event loop; results go back to the loop, which owns the socket.
-    """
-
-    def __init__(self, worker_id: str, loop: asyncio.AbstractEventLoop) -> None:
-        self.worker_id = worker_id
-        self.loop = loop
-        self.results: asyncio.Queue[StepResult | WorkerError] = asyncio.Queue()
-        self._plans: queue.SimpleQueue[StepPlan | object | None] = queue.SimpleQueue()
-        self.submitted = 0  # plans handed to the thread
-        self.completed = 0  # of those, run (loop thread only: bumped through call_soon_threadsafe)
-        self._progress = asyncio.Event()
-        self._runner: ModelRunner | None = None
-
-    async def start(self, make_runner, torch_threads: int | None) -> ModelRunner:
-        """Start the thread, build the runner on it, and return the runner once loaded."""
-        ready: asyncio.Future[ModelRunner] = self.loop.create_future()
-
-        def main() -> None:
-            try:
-                if torch_threads:
-                    torch.set_num_threads(torch_threads)
-                self._runner = make_runner()
-            except BaseException as exc:  # reported to the awaiting coroutine
-                self.loop.call_soon_threadsafe(_settle, ready, None, exc)
-                return
-            self.loop.call_soon_threadsafe(_settle, ready, self._runner, None)
-            self._run_plans()
-
-        threading.Thread(target=main, name="pdserve-step", daemon=True).start()
-        return await ready
-
-    def submit(self, plan: StepPlan) -> None:
-        self.submitted += 1
-        self._plans.put(plan)
-
-    async def ran(self, count: int) -> None:
-        """Returns once the first `count` submitted plans have run (answered or failed)."""
-        while self.completed < count:
-            self._progress.clear()
-            await self._progress.wait()
-
-    def reset(self) -> None:
-        """Drop every sequence (after the plans queued before this call have run)."""
-        self._plans.put(_RESET)
-
-    def stop(self) -> None:
-        self._plans.put(None)
-
-    def _run_plans(self) -> None:
-        runner = self._runner
-        assert runner is not None
-        while (plan := self._plans.get()) is not None:
-            if plan is _RESET:
-                runner.reset()
-                continue
-            try:
-                out: StepResult | WorkerError = runner.execute(plan)
-            except Exception as exc:  # the step failed: report it, keep serving
-                log.error("step %d failed: %s", plan.step_id, traceback.format_exc())
-                for seq in [*plan.new_seqs, *plan.cached_seqs]:  # the scheduler fails exactly these
-                    runner.seqs.seqs.pop(seq.request_id, None)
-                out = WorkerError(self.worker_id, plan.step_id, f"{type(exc).__name__}: {exc}")
-            try:
-                self.loop.call_soon_threadsafe(self._finished, out)
-            except RuntimeError:  # the loop closed: the worker is shutting down
-                return
-
-    def _finished(self, out: StepResult | WorkerError) -> None:
-        """On the loop: one plan ran; its answer goes out and waiting pulls may write."""
-        self.completed += 1
-        self._progress.set()
-        self.results.put_nowait(out)
-
-
-_RESET = object()  # StepThread queue item: drop every sequence
-
-
-def _settle(fut: asyncio.Future, value, exc: BaseException | None) -> None:
-    if fut.done():
-        return
-    if exc is not None:
-        fut.set_exception(exc)
-    else:
-        fut.set_result(value)
 
 
 async def _send_results(sock: DealerSocket, results: asyncio.Queue) -> None:

@@ -2,7 +2,9 @@
 
 `pdserve generate` and the tests drive it. The loop is the one the scheduler process runs in the
 service pipeline (plan, execute, update), with the worker called directly instead of over ZeroMQ;
-the plan and result are the same protocol messages either way.
+the plan and result are the same protocol messages either way. With overlapped steps (CUDA) it
+also keeps one step in flight as the service does: step N+1 is planned and launched before step
+N's tokens are read back.
 """
 
 from __future__ import annotations
@@ -79,15 +81,34 @@ class OfflineEngine:
         }
         for r in requests:
             self.scheduler.add_request(r)
+        overlapped = self._overlapped_steps() if self.runner.overlap else None
         while self.scheduler.has_unfinished:
-            for out in self.step():
+            for out in next(overlapped) if overlapped is not None else self.step():
                 _collect(done[out.request_id], out)
                 if on_output is not None and on_output(out) and out.finish_reason is None:
                     for ended in self.scheduler.abort([out.request_id], FinishReason.STOP):
                         _collect(done[ended.request_id], ended)
+        if overlapped is not None:
+            overlapped.close()
         if self.scheduler.has_pending_forgets:  # let the worker drop finished sequences
             self.runner.execute(self.scheduler.schedule())
         return [done[r.request_id] for r in requests]
+
+    def _overlapped_steps(self):
+        """Outputs of one step per iteration, the next step launched before they are read."""
+        pending = None
+        try:
+            while True:
+                launched = self.runner.launch(self.scheduler.schedule(), pending)
+                outputs = [] if pending is None else self.scheduler.update(self.runner.finish(pending))
+                pending = launched
+                self.num_steps += 1
+                if self.check_integrity:
+                    self.scheduler.check_integrity()
+                yield outputs
+        finally:
+            if pending is not None:  # generator closed: the last step's samples are not needed
+                self.scheduler.update(self.runner.finish(pending))
 
 
 def _collect(c: Completion, out: RequestOutput) -> None:

@@ -32,8 +32,10 @@ class ModelSettings(msgspec.Struct, frozen=True, kw_only=True):
     seed: int = 0
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    overlap_steps: str = "auto"
 
     def validate(self) -> None:
+        _choice("overlap_steps", self.overlap_steps, ("auto", "on", "off"))
         _choice("load_format", self.load_format, ("auto", "safetensors", "gguf", "dummy"))
         _choice("attention_backend", self.attention_backend, ("auto", "torch", "cpu-c", "triton"))
         _choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
@@ -193,6 +195,9 @@ SETTING_HELP: dict[str, str] = {
     "decode kernel; fail if it cannot be built) | triton (Triton kernels on CUDA; fail without triton)",
     "enforce_eager": "never capture CUDA graphs: every step runs eagerly (the triton backend "
     "otherwise replays decode steps from graphs captured at start-up)",
+    "overlap_steps": "auto (on for CUDA) | on | off: launch step N+1 on the device before step N's "
+    "sampled tokens are back on the host (N's samples feed N+1 on the device), hiding the host's "
+    "per-step work behind the GPU's",
     "block_size": "tokens per KV-cache block",
     "memory_utilization": "fraction of device memory (CUDA: total; CPU: available RAM) for "
     "weights + KV cache (default 0.9 on CUDA, 0.1 on CPU)",

@@ -245,7 +245,10 @@ class StepResult(_Msg, tag="result"):
     request_ids: list[str]
     sampled_token_ids: np.ndarray  # int64 [n]
     logprobs: TokenLogprobs | None = None  # rows for every sampled request, when any asked
-    execute_seconds: float = 0.0
+    execute_seconds: float = 0.0  # wall time of the step on the worker (overlapped steps: once)
+    gpu_seconds: float = 0.0  # device time from the step's first to its last queued work (CUDA)
+    gpu_gap_seconds: float = 0.0  # device idle time between the previous step and this one, when
+    # this step was already waiting (host overhead, not want of work); 0 on CPU
 
 
 class Heartbeat(_Msg, tag="heartbeat"):
@@ -449,6 +452,8 @@ class WorkerInfo(_Part):
     num_waiting: int
     num_steps: int = 0  # steps completed since the worker joined
     busy_seconds: float = 0.0  # their summed execute time (utilization = its rate of growth)
+    gpu_seconds: float = 0.0  # summed device time of the steps (CUDA)
+    gpu_gap_seconds: float = 0.0  # summed device idle time between back-to-back steps (CUDA)
     transfers_in: int = 0  # KV transfers into this worker in flight
     transfers_out: int = 0  # KV transfers out of it in flight
     transfers_done: int = 0  # completed transfers into it since it joined

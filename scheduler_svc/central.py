@@ -200,6 +200,8 @@ class CentralScheduler(KVHandoffs):
         plan = slot.complete(result.step_id)
         slot.num_steps += 1
         slot.busy_seconds += result.execute_seconds
+        slot.gpu_seconds += result.gpu_seconds
+        slot.gpu_gap_seconds += result.gpu_gap_seconds
         outs = slot.scheduler.update(result)
         self._note_outputs(outs, now, effects)  # a first token goes out before any handoff news
         self._prefilled(slot, slot.scheduler.take_handoffs(), now, effects)

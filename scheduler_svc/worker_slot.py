@@ -31,6 +31,8 @@ class WorkerSlot:
     inflight: deque[StepPlan] = field(default_factory=deque)  # sent, result not back; oldest first
     num_steps: int = 0
     busy_seconds: float = 0.0
+    gpu_seconds: float = 0.0
+    gpu_gap_seconds: float = 0.0
     drain_deadline: float = 0.0  # monotonic; while DRAINING, when what is left is moved away
     transfers_in: int = 0  # in flight, this worker the destination
     transfers_out: int = 0  # in flight, this worker the source
@@ -78,6 +80,7 @@ class WorkerSlot:
             num_blocks_used=self.kv.num_usable_blocks - self.kv.num_free_blocks,
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             num_steps=self.num_steps, busy_seconds=round(self.busy_seconds, 6),
+            gpu_seconds=round(self.gpu_seconds, 6), gpu_gap_seconds=round(self.gpu_gap_seconds, 6),
             transfers_in=self.transfers_in, transfers_out=self.transfers_out,
             transfers_done=self.transfers_done, transfer_bytes=self.transfer_bytes,
             transports=list(h.transports), transfers_by_transport=dict(self.transfers_by_transport),

@@ -437,3 +437,27 @@ def test_server_phase_breakdown_from_two_scrapes_of_gateway_metrics():
     rows = dict(server_phases.format_rows(got))
     assert rows["Server mean prefill time (ms)"] == "200.00" and rows["KV transfers"] == "1"
     assert server_phases.breakdown(None, got) is None
+
+
+def test_worker_use_from_two_scrapes_of_workers():
+    from pdserve.bench import server_phases
+
+    rows = [[{"id": "w0", "steps": 10, "busy_seconds": 1.0, "gpu_seconds": 0.5, "gpu_gap_seconds": 0.1},
+             {"id": "w1", "steps": 5, "busy_seconds": 2.0, "gpu_seconds": 0.0, "gpu_gap_seconds": 0.0}],
+            [{"id": "w0", "steps": 110, "busy_seconds": 3.0, "gpu_seconds": 2.5, "gpu_gap_seconds": 0.6},
+             {"id": "w1", "steps": 15, "busy_seconds": 2.5, "gpu_seconds": 1.5, "gpu_gap_seconds": 0.0}]]
+
+    async def scrape(i: int) -> dict[str, float] | None:
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, json=rows[i]))
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await server_phases.scrape_workers(client, "http://server")
+
+    use = server_phases.worker_use(asyncio.run(scrape(0)), asyncio.run(scrape(1)))
+    assert use == {"steps": 110, "busy_seconds": pytest.approx(2.5), "gpu_seconds": pytest.approx(3.5),
+                   "gpu_gap_seconds": pytest.approx(0.5), "gpu_idle_fraction": pytest.approx(0.125)}
+    table = dict(server_phases._worker_rows(use))
+    assert table["GPU idle between steps (%)"] == "12.5" and table["Worker steps"] == "110"
+    cpu = server_phases.worker_use({"steps": 0.0, "busy_seconds": 0.0, "gpu_seconds": 0.0, "gpu_gap_seconds": 0.0},
+                                   {"steps": 4.0, "busy_seconds": 1.0, "gpu_seconds": 0.0, "gpu_gap_seconds": 0.0})
+    assert cpu is not None and cpu["gpu_idle_fraction"] is None
+    assert dict(server_phases._worker_rows(cpu)) == {"Worker steps": "4"}

@@ -145,7 +145,8 @@ SAMPLES: list[tuple[str, Any]] = [
         "stats",
         SchedulerStats(5.0, "smollm2-135m", 8192, 3, 4, 0.25, 100, 40,
                        workers=[WorkerInfo("w0", WorkerRole.MIXED, 9, "h", "cpu", "ready", 100, 25, 3, 4,
-                                           num_steps=5, busy_seconds=1.5, transfers_in=1, transfers_out=2,
+                                           num_steps=5, busy_seconds=1.5, gpu_seconds=1.25, gpu_gap_seconds=0.5,
+                                           transfers_in=1, transfers_out=2,
                                            transfers_done=3, transfer_bytes=4096, transports=["zmq"],
                                            transfers_by_transport={"zmq": 2, "cuda-ipc": 1})],
                        transfers=[TransferRecord("zmq", 1 << 20, 0.01, True)],
@@ -192,7 +193,7 @@ SAMPLES: list[tuple[str, Any]] = [
         "result-big",
         StepResult(7, "w0", [f"r{i}" for i in range(300)],
                    np.arange(300, dtype=np.int64) * 3, logprobs=big_logprobs(300, 4),
-                   execute_seconds=0.125),
+                   execute_seconds=0.125, gpu_seconds=0.0625, gpu_gap_seconds=0.001),
     ),
     ("result-small-no-logprobs", StepResult(8, "w1", ["x"], np.array([5], dtype=np.int64))),
     (

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from gpu_worker.backends.graph_layout import GraphLayout, choose_bucket, graph_batch_sizes
-from gpu_worker.backends.staging import HostStaging, split_packed
+from gpu_worker.backends.staging import HostStaging, aligned_offsets
 from gpu_worker.seq_state import ScheduledSeq, SeqState
 from gpu_worker.step_inputs import build_step_inputs
 from protocol.sampling import SamplingParams
@@ -83,10 +83,13 @@ def test_graph_layout_refuses_what_a_graph_cannot_replay():
 
 def test_host_staging_packs_every_array_into_one_buffer():
     step = build_step_inputs([scheduled("a", 6, [7, 3], 4, 2), scheduled("b", 2, [4], 1, 1)], BS)
-    packed = HostStaging(torch.device("cpu")).to_device(
+    positions, slots, ctx, qstart, tables = HostStaging(torch.device("cpu")).to_device(
         [step.positions, step.slot_mapping, step.context_lens, step.query_start, step.block_tables])
-    assert packed.dtype == torch.int32
-    positions, slots, ctx, qstart, tables = split_packed(packed, step.num_tokens, step.num_seqs, 2)
+    assert positions.dtype == torch.int32
     assert positions.tolist() == [4, 5, 1] and slots.tolist() == [12, 13, 17]
     assert ctx.tolist() == [6, 2] and qstart.tolist() == [0, 2, 3]
-    assert np.array_equal(tables.numpy(), step.block_tables)
+    assert np.array_equal(tables.view(2, 2).numpy(), step.block_tables)
+    # Every view starts on a 16-byte boundary of one buffer (Triton specializes on alignment).
+    base = positions.data_ptr()
+    assert all((t.data_ptr() - base) % 16 == 0 for t in (slots, ctx, qstart, tables))
+    assert aligned_offsets([3, 3, 2, 3, 4]) == [0, 4, 8, 12, 16, 20]

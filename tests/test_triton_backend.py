@@ -76,7 +76,7 @@ def test_triton_backend_matches_torch_backend(config: dict) -> None:
     rng = np.random.default_rng(0)
     executors, caches = [], []
     for backend in (TorchBackend(CPU, cfg.num_attention_heads // cfg.num_key_value_heads, cfg.sliding_window),
-                    TritonBackend(CPU, cfg.num_key_value_heads, cfg.sliding_window)):
+                    TritonBackend(CPU, cfg.num_key_value_heads, cfg.sliding_window, cfg.num_attention_heads)):
         cache, per_layer = allocate_kv_cache(cfg, 40, BS, CPU, torch.float32)
         executors.append(EagerExecutor(model, backend, per_layer, CPU))
         caches.append(cache)

@@ -261,6 +261,29 @@ def test_prefill_attention(group, head_dim, dtype, window, block_m, block_n) -> 
     check_close(out, ref.paged_prefill_attention(q, k, v, tables, starts, lens, scale, window), dtype)
 
 
+def test_prefill_work_list_holds_every_tile_that_exists() -> None:
+    work = tk.prefill_work_list(np.array([37, 16, 1, 0, 40]), 16)
+    assert work.dtype == np.int32
+    assert work.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [2, 0], [4, 0], [4, 1], [4, 2]]
+    assert tk.prefill_work_list(np.array([0, 0]), 16).shape == (0, 2)
+    assert tk.query_tile_tokens(32, 8) == 16 and tk.query_tile_tokens(8, 8) == 64
+    assert tk.query_tile_tokens(64, 1, block_m=16) == 1  # 64 rows of one token: tl.dot's 16 at least
+
+
+@pytest.mark.parametrize("group,head_dim,dtype,window,block_m,block_n", PREFILL_CASES)
+def test_prefill_attention_over_a_work_list(group, head_dim, dtype, window, block_m, block_n) -> None:
+    gen = torch.Generator().manual_seed(3000 * group + head_dim + (window or 0))
+    q, k, v, tables, starts, lens, max_q = _prefill_inputs(gen, group, head_dim, dtype)
+    tokens = tk.query_tile_tokens(group * KV_HEADS, KV_HEADS, block_m)
+    work = torch.from_numpy(tk.prefill_work_list(np.diff(starts.numpy()), tokens))
+    scale = head_dim**-0.5
+    out = tk.paged_prefill_attention(
+        q, k, v, tables, starts, lens, scale, max_q, sliding_window=window, out=nan_like(q),
+        block_m=block_m, block_n=block_n, work=work,
+    )
+    check_close(out, ref.paged_prefill_attention(q, k, v, tables, starts, lens, scale, window), dtype)
+
+
 @pytest.mark.parametrize("window", [None, 33])
 def test_attention_kernels_match_the_projects_torch_path(window: int | None) -> None:
     """A mixed step through gpu_worker.attention (metadata, slot mapping, SDPA) and through the

@@ -41,12 +41,14 @@ async def _recv_skipping_heartbeats(sock: RouterSocket):
             return identity, msg
 
 
-def test_worker_answers_plans_in_order_and_survives_a_failed_step(smollm2_dir, tmp_path):
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_worker_answers_plans_in_order_and_survives_a_failed_step(smollm2_dir, tmp_path, overlap):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     endpoints = Endpoints.ipc(run_dir)
     env = {**os.environ, "PDSERVE_RUN_DIR": str(run_dir), "PDSERVE_MODEL": str(smollm2_dir),
-           "PDSERVE_LOAD_FORMAT": "dummy", "PDSERVE_NUM_KV_BLOCKS": "64", "PDSERVE_STAGE_ID": "w0"}
+           "PDSERVE_LOAD_FORMAT": "dummy", "PDSERVE_NUM_KV_BLOCKS": "64", "PDSERVE_STAGE_ID": "w0",
+           "PDSERVE_OVERLAP_STEPS": overlap}
 
     async def play_scheduler() -> list:
         ctx = zmq.asyncio.Context()
@@ -59,10 +61,15 @@ def test_worker_answers_plans_in_order_and_survives_a_failed_step(smollm2_dir, t
             await sock.send(identity, WorkerAccepted("w0", os.getpid()))
             greedy = SamplingParams(max_tokens=4, temperature=0.0)
             new = NewSeq("a", [1, 2, 3, 4, 5], 5, [1], 0, 5, greedy, [0], 7)
-            # Three plans sent at once, as overlapped scheduling does: the middle one refers to a
-            # sequence the worker does not hold, so it fails alone; the third runs on a's sample.
+            # Plans sent at once, as pipelined scheduling does: the second refers to a sequence
+            # the worker does not hold, so it fails alone; the third runs on a's sample. The
+            # fourth admits b without the blocks its prompt needs and fails; the fifth was
+            # planned before the scheduler heard of that, so it still lists b: b is skipped and
+            # a, the innocent neighbour, runs.
+            broken = NewSeq("b", [6, 7, 8], 3, [], 0, 3, greedy, [0], 9)
             plans = [StepPlan(1, new_seqs=[new]), StepPlan(2, cached_seqs=[CachedSeq("zz", [], 3, 1)]),
-                     StepPlan(3, cached_seqs=[CachedSeq("a", [], 5, 1)])]
+                     StepPlan(3, cached_seqs=[CachedSeq("a", [], 5, 1)]), StepPlan(4, new_seqs=[broken]),
+                     StepPlan(5, cached_seqs=[CachedSeq("b", [2], 3, 1), CachedSeq("a", [], 6, 1)])]
             for plan in plans:
                 await sock.send(identity, plan)
             answers = [(await _recv_skipping_heartbeats(sock))[1] for _ in plans]
@@ -75,8 +82,11 @@ def test_worker_answers_plans_in_order_and_survives_a_failed_step(smollm2_dir, t
             sock.close()
             ctx.term()
 
-    first, failed, third = asyncio.run(play_scheduler())
+    first, failed, third, failed_b, fifth = asyncio.run(play_scheduler())
     assert isinstance(first, StepResult) and first.step_id == 1 and first.request_ids == ["a"]
     assert isinstance(failed, WorkerError) and failed.step_id == 2 and "zz" in failed.message
     assert isinstance(third, StepResult) and third.step_id == 3 and third.request_ids == ["a"]
     assert np.asarray(third.sampled_token_ids).shape == (1,)
+    assert isinstance(failed_b, WorkerError) and failed_b.step_id == 4 and "b:" in failed_b.message
+    assert isinstance(fifth, StepResult) and fifth.step_id == 5 and fifth.request_ids == ["a"]
+    assert int(np.asarray(fifth.sampled_token_ids)[0]) >= 0

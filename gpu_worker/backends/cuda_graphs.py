@@ -12,7 +12,8 @@ that holds it:
 2. one host-to-device copy, then two device copies into the captured buffers (the block table
    into the first w columns of its fixed [B_max, max_blocks] buffer: later columns are never
    read, the kernels stop at each row's context length),
-3. the graph replays; the logits of the sampled rows are gathered from its output.
+3. token ids sampled by the previous, still running step are copied in on the device (overlapped
+   steps), the graph replays, and the logits of the sampled rows are gathered from its output.
 
 The kernels read the lengths on the device and the decode split count is fixed per bucket,
 so no host value is baked into a graph. Steps with a prefill, more sequences than the largest
@@ -30,6 +31,7 @@ from gpu_worker.backends.executor import EagerExecutor
 from gpu_worker.backends.graph_layout import GraphLayout, choose_bucket
 from gpu_worker.backends.staging import HostStaging
 from gpu_worker.backends.triton_backend import TritonBackend, TritonMetadata
+from gpu_worker.inflight import FedTokens
 from gpu_worker.step_inputs import StepInputs
 
 
@@ -93,17 +95,19 @@ class CudaGraphExecutor:
         self.buffer[o("slot_mapping") : o("slot_mapping") + self.layout.max_batch].fill_(-1)
 
     @torch.inference_mode()
-    def forward(self, step: StepInputs) -> torch.Tensor:
+    def forward(self, step: StepInputs, fed: FedTokens | None = None) -> torch.Tensor:
         bucket = choose_bucket(self.sizes, step.num_seqs) if self.layout.fits(step) else None
         if bucket is None or bucket not in self.graphs:
-            return self.eager.forward(step)
+            return self.eager.forward(step, fed)
         n, width = step.num_seqs, step.block_tables.shape[1]
-        staged = self.staging.to_device(self.layout.host_parts(step, bucket))
+        staged_head, staged_tables, rows = self.staging.to_device(self.layout.host_parts(step, bucket))
         head = self.layout.head
-        self.buffer[:head].copy_(staged[:head])
+        self.buffer[:head].copy_(staged_head)
         tables = self.buffer[head:].view(self.layout.max_batch, self.layout.max_blocks)
-        tables[:n, :width].copy_(staged[head : head + n * width].view(n, width))
-        rows = staged[head + n * width :]
+        tables[:n, :width].copy_(staged_tables.view(n, width))
+        if fed is not None:  # the previous step's samples, still on the device
+            ids = self.buffer[self.layout.offset("input_ids") :][:n]
+            ids.index_copy_(0, fed.rows, fed.values.to(torch.int32))
         self.graphs[bucket].replay()
         self.replays += 1
         return self.logits[bucket].index_select(0, rows)

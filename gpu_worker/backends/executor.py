@@ -7,6 +7,10 @@ logits [len(step.sample_seqs), vocab] for the last token of each sampling sequen
 The eager executor does that with the shared model and a layer backend; the CUDA-graph executor
 (gpu_worker.backends.cuda_graphs) replays captured decode steps; a TensorRT engine would be one
 more implementation that binds the same StepInputs arrays.
+
+`fed` (optional) names packed rows whose input token is not in `step.input_ids` but on the
+device, sampled by the step before (overlapped steps, gpu_worker.inflight): an executor copies
+those values into its input ids on the device before the model runs.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Protocol
 import torch
 
 from gpu_worker.backends.base import AttentionBackend
+from gpu_worker.inflight import FedTokens, pinned_to_device
 from gpu_worker.model import LlamaForCausalLM
 from gpu_worker.step_inputs import StepInputs
 
@@ -23,7 +28,7 @@ from gpu_worker.step_inputs import StepInputs
 class StepExecutor(Protocol):
     name: str
 
-    def forward(self, step: StepInputs) -> torch.Tensor:
+    def forward(self, step: StepInputs, fed: FedTokens | None = None) -> torch.Tensor:
         """float32 logits [len(step.sample_seqs), vocab]; KV of every scheduled token written."""
         ...
 
@@ -38,11 +43,13 @@ class EagerExecutor:
         self.name = f"{backend.name} eager"
 
     @torch.inference_mode()
-    def forward(self, step: StepInputs) -> torch.Tensor:
+    def forward(self, step: StepInputs, fed: FedTokens | None = None) -> torch.Tensor:
         meta = self.backend.prepare(step)
-        ids = torch.from_numpy(step.input_ids).to(self.device, non_blocking=True)
+        ids = pinned_to_device(step.input_ids, self.device)
+        if fed is not None:
+            ids.index_copy_(0, fed.rows, fed.values)
         x, residual = self.model(ids, meta, self.kv_caches, self.backend)
         if len(step.sample_seqs) == 0:
             return torch.empty(0, self.model.cfg.vocab_size, device=self.device)
-        rows = torch.from_numpy(step.sample_rows).to(self.device, non_blocking=True)
+        rows = pinned_to_device(step.sample_rows, self.device)
         return self.model.compute_logits(x, residual, rows, self.backend)

@@ -42,7 +42,7 @@ def select_backend(settings: ModelSettings, cfg: ModelConfig, device: torch.devi
             raise ConfigError("attention_backend triton: triton is not installed")
         from gpu_worker.backends.triton_backend import TritonBackend  # imports triton
 
-        return TritonBackend(device, cfg.num_key_value_heads, cfg.sliding_window)
+        return TritonBackend(device, cfg.num_key_value_heads, cfg.sliding_window, cfg.num_attention_heads)
     kernel = decode_kernel(settings, device, dtype, cfg.sliding_window)
     heads_per_kv = cfg.num_attention_heads // cfg.num_key_value_heads
     return TorchBackend(device, heads_per_kv, cfg.sliding_window, kernel)

@@ -1,10 +1,12 @@
 """The Triton backend (CUDA): paged decode and prefill attention read straight from the cache, the
 fused KV write, fused add + RMSNorm, in-place rotary and SiLU-and-mul (gpu_worker.triton_kernels).
 
-Per step, `prepare` packs every index array into one int32 host buffer (pinned on CUDA) and
-moves it with ONE host-to-device copy; the metadata is views of that device buffer. A step
+Per step, `prepare` packs every index array into one int32 host buffer (pinned on CUDA, each
+array 16-byte aligned) and moves it with ONE host-to-device copy; the metadata is views of that
+device buffer. A step
 whose sequences all run one token uses the split decode kernel, any other step (prefill chunks,
-cached prefixes, decodes mixed in) the prefill kernel, which covers a query length of one too.
+cached prefixes, decodes mixed in) the prefill kernel, which covers a query length of one too,
+over a work list of the query tiles that exist (staged with the rest), not a dense grid.
 The same metadata type over fixed buffers is what the CUDA-graph executor captures
 (gpu_worker.backends.cuda_graphs): the kernels read context lengths on the device, so a
 captured launch replays for any lengths.
@@ -18,7 +20,7 @@ import torch
 
 from gpu_worker import triton_kernels as tk
 from gpu_worker.backends.base import AttentionBackend
-from gpu_worker.backends.staging import HostStaging, split_packed
+from gpu_worker.backends.staging import HostStaging
 from gpu_worker.rope import RotaryEmbedding
 from gpu_worker.step_inputs import StepInputs
 
@@ -33,15 +35,18 @@ class TritonMetadata:
     max_query_len: int
     decode: bool  # every sequence one token: the split decode kernel
     num_splits: int  # decode kernel splits (fixed per launch shape)
+    work: torch.Tensor | None = None  # int32 [W, 2] (sequence, query tile) for the prefill kernel
 
 
 class TritonBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
 
-    def __init__(self, device: torch.device, num_kv_heads: int, sliding_window: int | None) -> None:
+    def __init__(self, device: torch.device, num_kv_heads: int, sliding_window: int | None,
+                 num_q_heads: int | None = None) -> None:
         self.device = device
         self.num_kv_heads = num_kv_heads
+        self.tile_tokens = tk.query_tile_tokens(num_q_heads or num_kv_heads, num_kv_heads)
         self.sliding_window = sliding_window
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         self.staging = HostStaging(device)
@@ -51,15 +56,16 @@ class TritonBackend(AttentionBackend):
 
     def prepare(self, step: StepInputs) -> TritonMetadata:
         width = step.block_tables.shape[1]
-        packed = self.staging.to_device([
-            step.positions, step.slot_mapping, step.context_lens, step.query_start, step.block_tables,
-        ])
-        positions, slots, ctx, qstart, tables = split_packed(packed, step.num_tokens, step.num_seqs, width)
         decode = step.is_decode_only
+        work = None if decode else tk.prefill_work_list(step.query_lens, self.tile_tokens)
+        parts = [step.positions, step.slot_mapping, step.context_lens, step.query_start, step.block_tables]
+        staged = self.staging.to_device(parts + ([work] if work is not None else []))
+        positions, slots, ctx, qstart, tables = staged[:5]
         return TritonMetadata(
             positions=positions, slot_mapping=slots, context_lens=ctx, query_start=qstart,
-            block_tables=tables, max_query_len=step.max_query_len, decode=decode,
+            block_tables=tables.view(step.num_seqs, width), max_query_len=step.max_query_len, decode=decode,
             num_splits=self.decode_splits(step.num_seqs, step.max_context_len) if decode else 1,
+            work=None if work is None else staged[5].view(-1, 2),
         )
 
     def positions(self, meta: TritonMetadata) -> torch.Tensor:
@@ -77,7 +83,7 @@ class TritonBackend(AttentionBackend):
             )
         return tk.paged_prefill_attention(
             q, k_cache, v_cache, meta.block_tables, meta.query_start, meta.context_lens, scale,
-            meta.max_query_len, sliding_window=self.sliding_window, out=out,
+            meta.max_query_len, sliding_window=self.sliding_window, out=out, work=meta.work,
         )
 
     def rotary_inputs(self, rope: RotaryEmbedding, meta: TritonMetadata):

@@ -14,7 +14,9 @@ device-side scripts can use it on a machine without the service's dependencies.
 from gpu_worker.triton_kernels.activation import silu_and_mul
 from gpu_worker.triton_kernels.decode_attention import choose_num_splits, paged_decode_attention
 from gpu_worker.triton_kernels.kv_write import write_kv_cache
-from gpu_worker.triton_kernels.prefill_attention import paged_prefill_attention
+from gpu_worker.triton_kernels.prefill_attention import (
+    paged_prefill_attention, prefill_work_list, query_tile_tokens,
+)
 from gpu_worker.triton_kernels.norm import fused_add_rms_norm, rms_norm
 from gpu_worker.triton_kernels.rotary import rotary_embedding_
 
@@ -23,6 +25,8 @@ __all__ = [
     "fused_add_rms_norm",
     "paged_decode_attention",
     "paged_prefill_attention",
+    "prefill_work_list",
+    "query_tile_tokens",
     "rms_norm",
     "rotary_embedding_",
     "silu_and_mul",

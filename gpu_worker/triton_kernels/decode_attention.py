@@ -28,7 +28,7 @@ import triton.language as tl
 
 from gpu_worker.triton_kernels._util import dot_precision, pow2, require_unit_last_stride
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the block-table width changes step to step
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,

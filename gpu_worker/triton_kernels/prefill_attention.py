@@ -17,12 +17,19 @@ whole (the cached prefix, mostly) skip the masking. Softmax is the online (flash
 float32. Default tiles (64 query rows, 64 keys, 4 warps) were the fastest of a sweep of 64/128
 rows x 32/64 keys x 4/8 warps on an H200 at Llama-3.1-8B shapes (tests/benchmarks/gpu_kernels.py):
 153 us for a 2048-token prompt, 222 us for 4 chunks of 512 after 1536 cached tokens.
+
+The grid is either dense, (sequence, query tile, KV head) sized by the longest query, or a work
+list of the (sequence, query tile) pairs that exist (`prefill_work_list`, built on the host from
+the query lengths). A mixed step of a thousand decode tokens and one 2,000-token prompt chunk
+needs ~1,000 + 125 tiles; the dense grid would launch 1,000 x 125 programs per KV head, almost
+all of which exit at once, in every layer.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -66,7 +73,7 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the block-table width changes step to step
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, query_start_ptr, context_lens_ptr,
     scale_log2, window,
@@ -79,10 +86,16 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    work_ptr, WORK_LIST: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    tile = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    if WORK_LIST:  # grid (work items, KV heads): item i is (sequence, query tile)
+        seq = tl.load(work_ptr + 2 * tl.program_id(0))
+        tile = tl.load(work_ptr + 2 * tl.program_id(0) + 1)
+        kv_head = tl.program_id(1)
+    else:
+        seq = tl.program_id(0)
+        tile = tl.program_id(1)
+        kv_head = tl.program_id(2)
     BLOCK_M: tl.constexpr = TOKENS * GROUP_PAD
 
     q_start = tl.load(query_start_ptr + seq)
@@ -142,6 +155,21 @@ def _prefill_kernel(
     )
 
 
+def query_tile_tokens(num_q_heads: int, num_kv_heads: int, block_m: int = 64) -> int:
+    """Query tokens per program: block_m rows of (token, head-in-group), at least 16 rows."""
+    group_pad = pow2(num_q_heads // num_kv_heads)
+    tokens = max(1, block_m // group_pad)
+    return 16 // group_pad if tokens * group_pad < 16 else tokens
+
+
+def prefill_work_list(query_lens: np.ndarray, tokens: int) -> np.ndarray:
+    """int32 [W, 2]: (sequence, query tile) for every tile that holds a query token."""
+    tiles = -(-np.asarray(query_lens, dtype=np.int64) // tokens)
+    seqs = np.repeat(np.arange(len(tiles)), tiles)
+    first = np.cumsum(tiles) - tiles
+    return np.stack([seqs, np.arange(int(tiles.sum())) - np.repeat(first, tiles)], axis=1).astype(np.int32)
+
+
 def paged_prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -157,6 +185,7 @@ def paged_prefill_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    work: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed query chunks over their sequences' paged keys.
 
@@ -164,7 +193,9 @@ def paged_prefill_attention(
     query_start[s]:query_start[s+1]; query_start: int32 [num_seqs + 1]; context_lens: int32
     [num_seqs] (cached prefix + this chunk); block_tables: int32 [num_seqs, max_blocks] padded
     with block 0; caches [num_blocks, block_size, kv_heads, head_dim]. `max_query_len` (known on
-    the host, no sync) sizes the grid. Returns `out` [num_tokens, num_q_heads, head_dim].
+    the host, no sync) sizes the dense grid; `work` (int32 [W, 2] on the device, from
+    `prefill_work_list` with `query_tile_tokens(..., block_m)`) replaces it with only the tiles
+    that exist. Returns `out` [num_tokens, num_q_heads, head_dim].
     """
     num_tokens, num_q_heads, head_dim = q.shape
     _, page, num_kv_heads, _ = k_cache.shape
@@ -174,15 +205,16 @@ def paged_prefill_attention(
         require_unit_last_stride(name, t)
     group = num_q_heads // num_kv_heads
     group_pad = pow2(group)
-    tokens = max(1, block_m // group_pad)
-    if tokens * group_pad < 16:  # tl.dot needs at least 16 rows
-        tokens = 16 // group_pad
+    tokens = query_tile_tokens(num_q_heads, num_kv_heads, block_m)  # tl.dot needs >= 16 rows
     if out is None:
         out = torch.empty_like(q)
     num_seqs = query_start.shape[0] - 1
-    if num_seqs == 0 or num_tokens == 0 or max_query_len == 0:
+    if num_seqs == 0 or num_tokens == 0 or max_query_len == 0 or (work is not None and work.shape[0] == 0):
         return out
-    grid = (num_seqs, triton.cdiv(max_query_len, tokens), num_kv_heads)
+    if work is not None:
+        grid: tuple[int, ...] = (work.shape[0], num_kv_heads)
+    else:
+        grid = (num_seqs, triton.cdiv(max_query_len, tokens), num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, query_start, context_lens,
         scale * math.log2(math.e), int(sliding_window or 0),
@@ -196,6 +228,7 @@ def paged_prefill_attention(
         PAGE=page, BLOCK_N=block_n,
         USE_WINDOW=sliding_window is not None,
         DOT_PRECISION=dot_precision(q.dtype),
+        work_ptr=work if work is not None else query_start, WORK_LIST=work is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -137,9 +137,13 @@ async def bench(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple
 
         arrivals = poisson_arrival_times(len(requests), args.request_rate, args.seed)
         before = await server_phases.scrape(client, base_url)
+        workers_before = await server_phases.scrape_workers(client, base_url)
         result = await run_schedule(requests, send, arrivals, args.max_concurrency, args.max_duration)
         await asyncio.sleep(1.0)  # the server publishes its phase records about twice a second
         result.server_phases = server_phases.breakdown(before, await server_phases.scrape(client, base_url))
+        use = server_phases.worker_use(workers_before, await server_phases.scrape_workers(client, base_url))
+        if result.server_phases is not None and use is not None:
+            result.server_phases["workers"] = use
     return model, result
 
 

@@ -62,6 +62,30 @@ def breakdown(before: dict[str, float] | None, after: dict[str, float] | None) -
     return out
 
 
+async def scrape_workers(client: httpx.AsyncClient, base_url: str) -> dict[str, float] | None:
+    """Steps and seconds summed over the workers in /workers (None without that endpoint)."""
+    try:
+        response = await client.get(f"{base_url}/workers")
+        workers = response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+    if not isinstance(workers, list):
+        return None
+    keys = ("steps", "busy_seconds", "gpu_seconds", "gpu_gap_seconds")
+    return {k: float(sum(w.get(k) or 0.0 for w in workers)) for k in keys}
+
+
+def worker_use(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, Any] | None:
+    """Steps run, their device time and the device's idle time between back-to-back steps
+    during the run (the gap a worker's host work leaves; CUDA workers only)."""
+    if before is None or after is None:
+        return None
+    d = {k: after[k] - before.get(k, 0.0) for k in after}
+    gpu, gap = d["gpu_seconds"], d["gpu_gap_seconds"]
+    return {"steps": int(d["steps"]), "busy_seconds": d["busy_seconds"], "gpu_seconds": gpu,
+            "gpu_gap_seconds": gap, "gpu_idle_fraction": gap / (gpu + gap) if gpu + gap > 0 else None}
+
+
 def format_rows(phases: dict[str, Any]) -> list[tuple[str, str]]:
     def ms(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.2f}"
@@ -73,4 +97,15 @@ def format_rows(phases: dict[str, Any]) -> list[tuple[str, str]]:
         ("Server mean decode time (ms)", ms(phases["decode_mean_ms"])),
         ("KV transfers", str(phases["kv_transfers"])),
         ("KV transferred (MiB)", f"{phases['kv_transfer_mib']:.1f}"),
-    ]
+    ] + _worker_rows(phases.get("workers"))
+
+
+def _worker_rows(use: dict[str, Any] | None) -> list[tuple[str, str]]:
+    if not use:
+        return []
+    rows = [("Worker steps", str(use["steps"]))]
+    if use["gpu_idle_fraction"] is not None:
+        rows += [("GPU time in steps (s)", f"{use['gpu_seconds']:.2f}"),
+                 ("GPU idle between steps (s)", f"{use['gpu_gap_seconds']:.3f}"),
+                 ("GPU idle between steps (%)", f"{100 * use['gpu_idle_fraction']:.1f}")]
+    return rows
