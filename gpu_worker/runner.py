@@ -26,6 +26,7 @@ from gpu_worker.kv_cache import (
 from protocol.model_files.model_source import resolve_model
 from gpu_worker.loading.weights import iter_safetensors_weights
 from gpu_worker.model import LlamaForCausalLM
+from gpu_worker.prompt_logprobs import gather_prompt_logprobs, select_prompt_rows
 from protocol.model_files.model_config import ModelConfig
 from gpu_worker.sampler import sample
 from gpu_worker.sampling_batch import SamplingBatch, SamplingRow
@@ -169,8 +170,15 @@ class ModelRunner:
         if not scheduled:
             return StepResult(plan.step_id, self.worker_id, [], np.empty(0, dtype=np.int64))
         step = build_step_inputs(scheduled, self.block_size)
+        prompt_rows = select_prompt_rows(scheduled, step)
+        if prompt_rows is not None:
+            step.prompt_rows = prompt_rows.rows
         logits = self.executor.forward(step)
-        result = self._sample(plan.step_id, [scheduled[i].state for i in step.sample_seqs], logits)
+        num_sampled = len(step.sample_seqs)
+        result = self._sample(plan.step_id, [scheduled[i].state for i in step.sample_seqs],
+                              logits[:num_sampled])
+        if prompt_rows is not None:
+            result.prompt_logprobs = gather_prompt_logprobs(logits[num_sampled:], prompt_rows)
         for s in scheduled:
             s.state.num_computed_tokens = s.num_computed + s.num_scheduled
         result.execute_seconds = time.perf_counter() - start

@@ -35,6 +35,7 @@ from protocol.messages import (
     TokenLogprobs,
 )
 from scheduler_svc.kv_cache_manager import KVCacheManager
+from scheduler_svc.prompt_logprobs import accept_chunk, take_prompt_logprobs, wants_prompt_rows
 from scheduler_svc.request import Request, RequestStatus
 from scheduler_svc.request_moves import RequestMoves, RequestRejected
 from scheduler_svc.stop_checker import check_stop
@@ -231,7 +232,8 @@ class WorkerScheduler(RequestMoves):
         while self.waiting and budget > 0 and len(self.running) + len(self.incoming) < self.settings.max_num_seqs:
             req = self.waiting[0]
             hit_blocks, num_hit = ([], 0)
-            if self.kv.enable_prefix_caching:
+            looked_up = self.kv.enable_prefix_caching and not wants_prompt_rows(req)
+            if looked_up:
                 hit_blocks, num_hit = self.kv.get_computed_blocks(req.request_id, req.token_ids)
             n = min(req.num_tokens - num_hit, budget)
             blocks = self.kv.allocate_slots(
@@ -242,7 +244,7 @@ class WorkerScheduler(RequestMoves):
             self.waiting.pop(0)
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit
-                if self.kv.enable_prefix_caching:
+                if looked_up:
                     self.prefix_cache_queries += req.num_prompt_tokens
                     self.prefix_cache_hits += num_hit
             req.num_computed_tokens = num_hit
@@ -280,6 +282,10 @@ class WorkerScheduler(RequestMoves):
     def update(self, result: StepResult) -> list[RequestOutput]:
         """Append sampled tokens, judge stops, and report each request's new tokens."""
         outputs = []
+        for chunk in result.prompt_logprobs:
+            req = self.requests.get(chunk.request_id)
+            if req is not None and req.status == RequestStatus.RUNNING and result.step_id >= req.admitted_step:
+                accept_chunk(req, chunk)
         tokens = result.sampled_token_ids.tolist()
         for row, (rid, token) in enumerate(zip(result.request_ids, tokens)):
             req = self.requests.get(rid)
@@ -305,7 +311,9 @@ class WorkerScheduler(RequestMoves):
                 self._finish(req, reason)
             elif req.prefill_only and req.num_inflight_samples == 0:
                 self._hand_off(req)
-            outputs.append(self._output(req, [token], logprobs))
+            output = self._output(req, [token], logprobs)
+            output.prompt_logprobs = take_prompt_logprobs(req)
+            outputs.append(output)
         return outputs
 
     def fail_step(self, plan: StepPlan, message: str) -> list[RequestOutput]:
