@@ -37,6 +37,8 @@ class Generation:
         self.chat, self.model = chat, model
         self.n = streams[0].n
         self.echo = EchoSpec.of(parsed, chat, prompts or [])  # echo / prompt_logprobs, or None
+        self.max_tokens_param = getattr(parsed, "max_completion_tokens", None) or parsed.max_tokens
+        self.output_tokens: dict[tuple[int, int], int] = {}  # (prompt, choice) -> tokens so far
         self.include_usage = bool(parsed.include_usage)
         self.continuous_usage = bool(parsed.continuous_usage_stats)  # usage on every chunk (vLLM)
         self.response_id = (R.chat_completion_id if chat else R.completion_id)(request_id)
@@ -92,7 +94,7 @@ class Generation:
         if self.last_delta is None:
             m.ttft.observe(now - self.start)
         elif d.token_ids:
-            m.itl.observe(now - self.last_delta)
+            m.inter_token(now - self.last_delta)
         self.last_delta = now
         if d.queue_seconds is not None:
             m.queue.observe(d.queue_seconds)
@@ -100,11 +102,14 @@ class Generation:
         if d.num_prompt_tokens and p not in self.prompt_tokens:
             self.prompt_tokens[p] = (d.num_prompt_tokens, d.num_cached_tokens)
             m.prompt_tokens.inc(d.num_prompt_tokens)
+        key = (p, d.index)
+        self.output_tokens[key] = max(self.output_tokens.get(key, 0), d.num_output_tokens)
         if d.finish_reason is not None:
             self.remaining -= 1
             m.request_finished(d.finish_reason)
             if self.remaining == 0:
                 m.e2e.observe(now - self.start)
+                m.request_done(self.n, self.max_tokens_param, max(self.output_tokens.values(), default=0))
 
     def _usage(self) -> dict[str, Any]:
         prompt = sum(t for t, _ in self.prompt_tokens.values())

@@ -13,6 +13,10 @@ import numpy as np
 from protocol.messages import PromptLogprobsChunk, TokenLogprobs
 from scheduler_svc.request import Request
 
+# Prompt tokens of prompt-logprob requests per step: their rows' logits ([rows, vocab] float32)
+# are extra activations the KV sizing does not reserve, so they are bounded here.
+MAX_PROMPT_ROWS_PER_STEP = 512
+
 
 def wants_prompt_rows(req: Request) -> bool:
     """The request still needs prompt rows from a prefill: it must not skip prompt positions

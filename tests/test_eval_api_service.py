@@ -145,6 +145,8 @@ VLLM_SERIES = [
     "vllm:request_prompt_tokens_count", "vllm:request_generation_tokens_count",
     "vllm:iteration_tokens_total_count", "vllm:num_preemptions_total",
     "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:cache_config_info",
+    "vllm:time_per_output_token_seconds_count", "vllm:request_params_n_count",
+    "vllm:request_params_max_tokens_count", "vllm:request_max_num_generation_tokens_count",
 ]
 MOVING = [name for name in VLLM_SERIES if name.endswith(("_count", "_total")) and "preemptions" not in name]
 

@@ -26,7 +26,15 @@ def test_vllm_prefix_names_labels_and_values():
         cache_info={"block_size": "16", "num_gpu_blocks": "99", "enable_prefix_caching": "True"}))
     metrics.observe_stats(_stats(queries=150, hits=40, num_preemptions=2))
     metrics.update_from(_stats(queries=150, hits=40))
+    metrics.inter_token(0.02)
+    metrics.request_done(2, None, 7)
+    metrics.request_done(1, 64, 3)
     text = metrics.render().decode()
+    assert _value(text, "vllm:inter_token_latency_seconds_count") == 1
+    assert _value(text, "vllm:time_per_output_token_seconds_count") == 1
+    assert _value(text, "vllm:request_params_n_sum") == 3
+    assert _value(text, "vllm:request_params_max_tokens_count") == 1  # only when given
+    assert _value(text, "vllm:request_max_num_generation_tokens_sum") == 10
     assert "pdserve:" not in text
     assert _value(text, "vllm:prefix_cache_queries_total") == 150
     assert _value(text, "vllm:prefix_cache_hits_total") == 40

@@ -121,3 +121,21 @@ def test_prompt_logprobs_survive_preemption(smollm2_dir, smollm2_tokenizer, hf_m
         assert c.prompt_logprobs is not None and c.prompt_logprobs.token_ids[:, 0].tolist() == ids[1:]
         want = hf_prompt_logprobs(hf_model, ids).gather(1, torch.tensor(ids[1:]).unsqueeze(1))[:, 0]
         assert float((torch.from_numpy(c.prompt_logprobs.logprobs[:, 0].copy()) - want).abs().max()) <= 1e-3
+
+
+def test_prompt_rows_per_step_are_bounded():
+    from protocol.config import SchedulerSettings as Settings
+    from scheduler_svc.kv_cache_manager import KVCacheManager
+    from scheduler_svc.prompt_logprobs import MAX_PROMPT_ROWS_PER_STEP
+    from scheduler_svc.worker_scheduler import WorkerScheduler
+
+    sched = WorkerScheduler(Settings(max_num_batched_tokens=4096), KVCacheManager(1024, 16, True), 8192, 5000)
+    long = list(range(1, 1300))
+    sched.add_request(make_request("a", long, SamplingParams(prompt_logprobs=0), [0]))
+    sched.add_request(make_request("b", long, SamplingParams(prompt_logprobs=0), [0]))
+    sched.add_request(make_request("c", long, SamplingParams(), [0]))
+    first = {s.request_id: s.num_scheduled_tokens for s in sched.schedule().new_seqs}
+    assert first == {"a": MAX_PROMPT_ROWS_PER_STEP}  # b waits (FCFS): c is not admitted past it
+    second = sched.schedule()
+    assert [(s.request_id, s.num_scheduled_tokens) for s in second.cached_seqs] == [("a", MAX_PROMPT_ROWS_PER_STEP)]
+    assert second.new_seqs == []
