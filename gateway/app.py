@@ -35,7 +35,7 @@ class GatewayApp:
         self.launch = launch
         self.served_model = served_model
         self.model_root = model_root
-        self.metrics = GatewayMetrics(served_model)
+        self.metrics = GatewayMetrics(served_model, gw.metrics_prefix)
         client.on_stats = self.metrics.observe_stats
         self.created = int(time.time())
         self._background: set[asyncio.Task] = set()
@@ -47,6 +47,7 @@ class GatewayApp:
             Route("/metrics", self.metrics_route),
             Route("/workers", self.workers),
             Route("/v1/models", self.models),
+            Route("/v1/models/{model_id:path}", self.model),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
         ]
@@ -86,11 +87,22 @@ class GatewayApp:
 
     async def models(self, request: Request) -> Response:
         self._authorize(request)
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request) -> Response:
+        """GET /v1/models/{id} (`client.models.retrieve`): the card, or 404 for another id."""
+        self._authorize(request)
+        model_id = request.path_params["model_id"]
+        if model_id != self.served_model:
+            raise APIError(404, f"The model `{model_id}` does not exist.", param="model",
+                           code="model_not_found")
+        return JSONResponse(self._model_card())
+
+    def _model_card(self) -> dict[str, Any]:
         stats = self.client.stats
-        card = {"id": self.served_model, "object": "model", "created": self.created,
+        return {"id": self.served_model, "object": "model", "created": self.created,
                 "owned_by": "pdserve", "root": self.model_root, "parent": None,
                 "max_model_len": stats.max_model_len if stats else None}
-        return JSONResponse({"object": "list", "data": [card]})
 
     # ------------------------------------------------------------------ generation
 
@@ -113,7 +125,8 @@ class GatewayApp:
             raise APIError(503, f"pdserve is not ready: {reason}")
         streams = [await self.client.submit(g) for g in gen_requests]
         gen = Generation(self.client, self.metrics, streams, parsed, chat, request_id,
-                         self.served_model, self.gw.request_timeout)
+                         self.served_model, self.gw.request_timeout,
+                         prompts=[g.prompt for g in gen_requests])
         headers = {"x-request-id": client_id}
         try:
             failure = await gen.first_failure()

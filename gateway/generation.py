@@ -17,6 +17,7 @@ from gateway.engine_client import EngineClient, RequestStream
 from gateway.errors import APIError, error_body
 from gateway.metrics import GatewayMetrics
 from gateway.openai_schemas import choice_index
+from gateway.prompt_echo import EchoSpec
 from gateway import responses as R
 from protocol.messages import RequestFailed, TextDelta
 
@@ -30,10 +31,14 @@ async def wait_for_disconnect(request: Request) -> None:
 
 class Generation:
     def __init__(self, client: EngineClient, metrics: GatewayMetrics, streams: list[RequestStream],
-                 parsed: Any, chat: bool, request_id: str, model: str, timeout: float) -> None:
+                 parsed: Any, chat: bool, request_id: str, model: str, timeout: float,
+                 prompts: list[str | None] | None = None) -> None:
         self.client, self.metrics, self.streams = client, metrics, streams
         self.chat, self.model = chat, model
         self.n = streams[0].n
+        self.echo = EchoSpec.of(parsed, chat, prompts or [])  # echo / prompt_logprobs, or None
+        self.max_tokens_param = getattr(parsed, "max_completion_tokens", None) or parsed.max_tokens
+        self.output_tokens: dict[tuple[int, int], int] = {}  # (prompt, choice) -> tokens so far
         self.include_usage = bool(parsed.include_usage)
         self.continuous_usage = bool(parsed.continuous_usage_stats)  # usage on every chunk (vLLM)
         self.response_id = (R.chat_completion_id if chat else R.completion_id)(request_id)
@@ -89,7 +94,7 @@ class Generation:
         if self.last_delta is None:
             m.ttft.observe(now - self.start)
         elif d.token_ids:
-            m.itl.observe(now - self.last_delta)
+            m.inter_token(now - self.last_delta)
         self.last_delta = now
         if d.queue_seconds is not None:
             m.queue.observe(d.queue_seconds)
@@ -97,16 +102,21 @@ class Generation:
         if d.num_prompt_tokens and p not in self.prompt_tokens:
             self.prompt_tokens[p] = (d.num_prompt_tokens, d.num_cached_tokens)
             m.prompt_tokens.inc(d.num_prompt_tokens)
+        key = (p, d.index)
+        self.output_tokens[key] = max(self.output_tokens.get(key, 0), d.num_output_tokens)
         if d.finish_reason is not None:
             self.remaining -= 1
             m.request_finished(d.finish_reason)
             if self.remaining == 0:
                 m.e2e.observe(now - self.start)
+                m.request_done(self.n, self.max_tokens_param, max(self.output_tokens.values(), default=0))
 
     def _usage(self) -> dict[str, Any]:
         prompt = sum(t for t, _ in self.prompt_tokens.values())
         cached = sum(c for _, c in self.prompt_tokens.values())
         completion = sum(c.num_output_tokens for c in self.choices.values())
+        if self.echo is not None and self.echo.hide_output:
+            completion = 0  # echo with max_tokens 0: the one token run is not returned
         return R.usage_body(prompt, completion, cached)
 
     async def complete(self) -> dict[str, Any]:
@@ -115,8 +125,22 @@ class Generation:
         errors = [c.error or "generation failed" for c in self.choices.values() if c.finish_reason == "error"]
         if errors:
             raise APIError(500, errors[0])
-        body = R.chat_completion_body if self.chat else R.completion_body
-        return body(self.response_id, self.created, self.model, list(self.choices.values()), self._usage())
+        body_of = R.chat_completion_body if self.chat else R.completion_body
+        body = body_of(self.response_id, self.created, self.model, list(self.choices.values()), self._usage())
+        if self.echo is not None:
+            self._add_prompts(body)
+        return body
+
+    def _add_prompts(self, body: dict[str, Any]) -> None:
+        """Echo text, prompt logprobs: per choice for completions, once for chat (vLLM)."""
+        assert self.echo is not None
+        if self.chat:
+            prompt = next((c.prompt for c in self.choices.values() if c.prompt is not None), None)
+            body["prompt_logprobs"] = self.echo.vllm_prompt_logprobs(prompt)
+            return
+        for choice in body["choices"]:
+            result = self.choices[choice["index"]]
+            self.echo.completion_choice(choice, result.prompt, result.logprobs)
 
     async def stream(self) -> AsyncIterator[bytes]:
         args = (self.response_id, self.created, self.model)
@@ -136,10 +160,14 @@ class Generation:
                     yield R.sse(R.chat_chunk(*args, index, d.text, finish_reason=d.finish_reason,
                                              stop_reason=d.stop_reason, logprobs=d.logprobs, usage=usage))
                 else:
-                    yield R.sse(R.completion_chunk(*args, index, d.text, finish_reason=d.finish_reason,
-                                                   stop_reason=d.stop_reason, logprobs=d.logprobs,
-                                                   text_offset=offsets.get(index, 0), usage=usage))
-                    offsets[index] = offsets.get(index, 0) + len(d.text)
+                    chunk = R.completion_chunk(*args, index, d.text, finish_reason=d.finish_reason,
+                                               stop_reason=d.stop_reason, logprobs=d.logprobs,
+                                               text_offset=offsets.get(index, 0), usage=usage)
+                    if self.echo is not None:  # the prompt goes in front of a choice's first chunk
+                        self.echo.completion_choice(chunk["choices"][0], d.prompt, d.logprobs,
+                                                    offsets.get(index, 0))
+                    yield R.sse(chunk)
+                    offsets[index] = offsets.get(index, 0) + len(chunk["choices"][0]["text"])
             if self.include_usage:
                 usage_chunk = R.chat_usage_chunk if self.chat else R.completion_usage_chunk
                 yield R.sse(usage_chunk(*args, self._usage()))

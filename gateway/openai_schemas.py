@@ -2,8 +2,9 @@
 
 Unknown fields are ignored: clients send fields we have no use for (`user`, `service_tier`,
 `parallel_tool_calls`, ...). Fields that would change what is generated and that we cannot
-honour (tools, JSON mode, logit_bias, echo, suffix, best_of != n, beam search, guided decoding)
-get a 400 naming them instead. Optional fields accept `null` (vLLM's benchmark sends some).
+honour (tools, JSON mode, logit_bias, chat echo, suffix, best_of != n, beam search, guided
+decoding) get a 400 naming them instead. Completions `echo` and `prompt_logprobs` are
+gateway.prompt_echo's. Optional fields accept `null` (vLLM's benchmark sends some).
 
 Status codes: body not JSON -> 400; JSON of the wrong shape (wrong type, missing required
 field) -> 422 with `param` the field's path, e.g. "temperature" or "messages[0].role"; a value
@@ -23,6 +24,7 @@ from typing import Annotated, Any
 import msgspec
 
 from gateway.errors import APIError
+from gateway.prompt_echo import prompt_fields
 from protocol.messages import GenerateRequest
 from protocol.sampling import SamplingParams, SamplingParamsError
 
@@ -186,11 +188,13 @@ def to_generate_requests(
     if isinstance(req, ChatCompletionRequest):
         messages = _chat_messages(req.messages)
         params, is_default = _sampling_params(req, _chat_max_tokens(req), _chat_logprobs(req))
+        params = msgspec.structs.replace(params, **prompt_fields(req, True, params.max_tokens)[0])
         return [GenerateRequest(request_id=request_id, params=params, messages=messages,
                                 max_tokens_is_default=is_default, **common)]
-    max_tokens = ("max_tokens", req.max_tokens if req.max_tokens is not None
-                  else COMPLETIONS_DEFAULT_MAX_TOKENS)
-    params, is_default = _sampling_params(req, max_tokens, req.logprobs)
+    fields, run_max_tokens = prompt_fields(
+        req, False, req.max_tokens if req.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS)
+    params, is_default = _sampling_params(req, ("max_tokens", run_max_tokens), req.logprobs)
+    params = msgspec.structs.replace(params, **fields)
     prompts = _completion_prompts(req.prompt)
     out = []
     for p, prompt in enumerate(prompts):
@@ -204,10 +208,12 @@ def to_generate_requests(
 
 def _reject_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
     """400 for fields that would change the output in ways we cannot honour."""
-    for name in ("echo", "logit_bias", "suffix", "use_beam_search"):  # refused when truthy
+    for name in ("logit_bias", "suffix", "use_beam_search"):  # refused when truthy
         if getattr(req, name, None):
             raise APIError(400, f"{name} is not supported", param=name)
-    for name in ("prompt_logprobs", "guided_json", "guided_regex", "guided_choice",
+    if req.echo and isinstance(req, ChatCompletionRequest):
+        raise APIError(400, "echo is supported on /v1/completions only", param="echo")
+    for name in ("guided_json", "guided_regex", "guided_choice",
                  "guided_grammar", "structured_outputs"):  # refused when present
         if getattr(req, name) is not None:
             raise APIError(400, f"{name} is not supported", param=name)

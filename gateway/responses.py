@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-from protocol.messages import TextDelta, TokenLogprob
+from protocol.messages import PromptOutput, TextDelta, TokenLogprob
 
 SSE_DONE = b"data: [DONE]\n\n"
 LOGPROB_FLOOR = -9999.0
@@ -75,6 +75,7 @@ class ChoiceResult:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     error: str = ""
+    prompt: PromptOutput | None = None  # echo / prompt logprobs (gateway.prompt_echo)
 
     @property
     def text(self) -> str:
@@ -82,6 +83,8 @@ class ChoiceResult:
 
     def add(self, delta: TextDelta) -> None:
         self.text_parts.append(delta.text)
+        if delta.prompt is not None:
+            self.prompt = delta.prompt
         if delta.logprobs is not None:
             if self.logprobs is None:
                 self.logprobs = []

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from gpu_worker.seq_state import SeqState
+from protocol.messages import PromptLogprobsChunk
 
 PLACEHOLDER = -1  # a token id that is sampled but not yet on the host
 
@@ -57,6 +58,7 @@ class InFlightStep:
     timer: DeviceTimer | None
     launched_at: float  # perf_counter when launch began
     rows_by_request: dict[str, int] = field(default_factory=dict)
+    prompt_logprobs: list[PromptLogprobsChunk] = field(default_factory=list)  # already on the host
     resolved: bool = False
 
     def resolve(self) -> np.ndarray:

@@ -27,6 +27,7 @@ from gpu_worker.kv_cache import (
 from protocol.model_files.model_source import resolve_model
 from gpu_worker.loading.weights import iter_safetensors_weights
 from gpu_worker.model import LlamaForCausalLM
+from gpu_worker.prompt_logprobs import gather_prompt_logprobs, select_prompt_rows
 from protocol.model_files.model_config import ModelConfig
 from gpu_worker.sampler import sample
 from gpu_worker.sampling_batch import SamplingBatch, SamplingRow
@@ -193,14 +194,23 @@ class ModelRunner:
             pending = False
         step = build_step_inputs(scheduled, self.block_size)
         states = [scheduled[i].state for i in step.sample_seqs]
+        prompt_rows = select_prompt_rows(scheduled, step)
+        if prompt_rows is not None:
+            step.prompt_rows = prompt_rows.rows
         fed = None
         if pending and step.num_tokens:
             fed = previous.feed(step.input_ids, step.query_start,  # type: ignore[union-attr]
                                 [s.state.request_id for s in scheduled], self.device)
         logits = self.executor.forward(step, fed) if scheduled else None
+        prompt_logprobs = []
+        if prompt_rows is not None and logits is not None:  # reads them back now: no overlap here
+            prompt_logprobs = gather_prompt_logprobs(logits[len(states):], prompt_rows)
+            logits = logits[: len(states)]
         for s in scheduled:
             s.state.num_computed_tokens = s.num_computed + s.num_scheduled
-        return self._sample(plan.step_id, states, logits, timer, launched_at)
+        launched = self._sample(plan.step_id, states, logits, timer, launched_at)
+        launched.prompt_logprobs = prompt_logprobs
+        return launched
 
     def finish(self, step: InFlightStep) -> StepResult:
         """Wait for a launched step's samples and report them."""
@@ -211,7 +221,7 @@ class ModelRunner:
             logprobs = TokenLogprobs(token_ids=ids, logprobs=values, ranks=ranks)
         now = time.perf_counter()
         result = StepResult(step.step_id, self.worker_id, [s.request_id for s in step.states],
-                            tokens.copy(), logprobs)
+                            tokens.copy(), logprobs, prompt_logprobs=step.prompt_logprobs)
         # Overlapped steps overlap in time too: count each wall second once.
         result.execute_seconds = now - max(step.launched_at, self._last_finish)
         self._last_finish = now

@@ -10,7 +10,7 @@ would bind the same arrays. Block tables are padded with block 0 (the null block
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -53,6 +53,9 @@ class StepInputs:
     block_tables: np.ndarray  # int64 [S, max_blocks], padded with 0
     sample_seqs: np.ndarray  # int64 [N]: sequences that sample a token this step, in order
     block_size: int
+    # int64 [R]: packed rows whose logits score a prompt token (gpu_worker.prompt_logprobs);
+    # the executor returns their logits after the sampled rows'.
+    prompt_rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     @property
     def num_tokens(self) -> int:
@@ -66,6 +69,13 @@ class StepInputs:
     def sample_rows(self) -> np.ndarray:
         """int64 [N]: the packed row (last scheduled token) of each sampling sequence."""
         return self.query_start[self.sample_seqs + 1] - 1
+
+    @property
+    def logit_rows(self) -> np.ndarray:
+        """int64 [N + R]: the rows the executor computes logits for, sampled rows first."""
+        if len(self.prompt_rows) == 0:
+            return self.sample_rows
+        return np.concatenate([self.sample_rows, self.prompt_rows])
 
     @property
     def max_query_len(self) -> int:

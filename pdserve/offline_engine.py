@@ -15,7 +15,7 @@ from typing import Callable
 
 from gpu_worker.runner import ModelRunner
 from protocol.config import CacheSettings, ModelSettings, SchedulerSettings
-from protocol.messages import AddRequest, FinishReason, RequestOutput
+from protocol.messages import AddRequest, FinishReason, RequestOutput, TokenLogprobs
 from scheduler_svc.kv_cache_manager import KVCacheManager
 from scheduler_svc.worker_scheduler import WorkerScheduler
 
@@ -32,6 +32,7 @@ class Completion:
     logprobs: list = field(default_factory=list)
     num_cached_tokens: int = 0
     error: str = ""
+    prompt_logprobs: TokenLogprobs | None = None  # prompt tokens 1.., when asked
 
 
 class OfflineEngine:
@@ -116,6 +117,8 @@ def _collect(c: Completion, out: RequestOutput) -> None:
     c.num_cached_tokens = out.num_cached_tokens
     if out.logprobs is not None:
         c.logprobs.append(out.logprobs)
+    if out.prompt_logprobs is not None:
+        c.prompt_logprobs = out.prompt_logprobs
     if out.finish_reason is not None:
         c.finish_reason = out.finish_reason
         c.stop_token_id = out.stop_token_id

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, TypeVar, get_args, get_origin
 
@@ -130,8 +131,12 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     served_model_name: str | None = None
     max_request_bytes: int = 1 << 20
     request_timeout: float = 600.0
+    metrics_prefix: str = "pdserve"
 
     def validate(self) -> None:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.metrics_prefix):
+            raise ConfigError(f"metrics_prefix must be a Prometheus name part ([A-Za-z_][A-Za-z0-9_]*), "
+                              f"got {self.metrics_prefix!r}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
         if self.max_request_bytes < 1024:
@@ -223,6 +228,8 @@ SETTING_HELP: dict[str, str] = {
     "served_model_name": "model name in the API (default: the --model value)",
     "max_request_bytes": "largest accepted request body (413 past it)",
     "request_timeout": "seconds a request may take before the gateway aborts it",
+    "metrics_prefix": "prefix of the /metrics names: pdserve (pdserve:num_requests_running...) or "
+    "vllm for vLLM's exact names, which vLLM dashboards chart unchanged",
     "stage_id": "this process's id (worker id, tokenizer id...); default: stage name, hostname "
     "and pid (unique across containers, where every pid is 1)",
     "role": "worker role: mixed | prefill | decode",

@@ -91,6 +91,15 @@ class TokenLogprobs(_Part):
     ranks: np.ndarray  # int64 [n]: 1-based rank of the sampled token
 
 
+class PromptLogprobsChunk(_Part):
+    """Prompt logprobs of one request from one prefill chunk: row i scores prompt token
+    `start + i` (column 0 that token, then the top k) from the logits of the token before it."""
+
+    request_id: str
+    start: int  # >= 1: prompt token 0 has nothing before it
+    logprobs: TokenLogprobs
+
+
 class RequestOutput(_Part):
     """New tokens of one request since its last output, and whether it has finished."""
 
@@ -103,6 +112,8 @@ class RequestOutput(_Part):
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str = ""
     queue_seconds: float | None = None  # arrival to first scheduling, on the first output
+    # Rows for prompt tokens 1.. (as PromptLogprobsChunk.logprobs), once, with the first token.
+    prompt_logprobs: TokenLogprobs | None = None
 
 
 class EngineOutputs(_Msg, tag="outputs"):
@@ -249,6 +260,7 @@ class StepResult(_Msg, tag="result"):
     gpu_seconds: float = 0.0  # device time from the step's first to its last queued work (CUDA)
     gpu_gap_seconds: float = 0.0  # device idle time between the previous step and this one, when
     # this step was already waiting (host overhead, not want of work); 0 on CPU
+    prompt_logprobs: list[PromptLogprobsChunk] = []  # prefill rows of requests that asked
 
 
 class Heartbeat(_Msg, tag="heartbeat"):
@@ -357,6 +369,14 @@ def choice_request_id(request_id: str, index: int, n: int) -> str:
     return request_id if n == 1 else f"{request_id}#{index}"
 
 
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice `index`: seed + index (vLLM's rule, so seeded choices differ),
+    wrapped into the signed 64-bit range msgpack and the sampler carry."""
+    if seed is None:
+        return None
+    return (seed + index + 2**63) % 2**64 - 2**63
+
+
 # ---------------------------------------------------------------- scheduler <-> detokenizer
 
 
@@ -372,6 +392,7 @@ class DetokRequest(_Msg, tag="detok_new"):
     prompt_tail_ids: list[int]  # the last prompt tokens: context for the first output's spaces
     num_prompt_tokens: int
     params: SamplingParams
+    prompt_token_ids: list[int] = []  # the whole prompt, when echo or prompt logprobs need it
 
 
 DetokenizerInbound = DetokRequest | EngineOutputs
@@ -405,7 +426,16 @@ class TokenLogprob(_Part):
     logprob: float
     bytes: list[int]
     token_id: int
-    top: list[TopLogprob] = []
+    top: list[TopLogprob] = []  # highest first: the i-th has rank i + 1
+    rank: int | None = None  # 1-based rank of this token among all (sent for prompt tokens)
+
+
+class PromptOutput(_Part):
+    """The prompt as a client gets it back (completions `echo`, `prompt_logprobs`)."""
+
+    text: str  # the prompt decoded ("" unless echo was asked)
+    first_token: str  # prompt token 0's text: it has no logprob (nothing precedes it)
+    logprobs: list[TokenLogprob] = []  # prompt tokens 1.., when prompt logprobs were asked
 
 
 class TextDelta(_Part):
@@ -423,6 +453,7 @@ class TextDelta(_Part):
     num_cached_tokens: int = 0
     queue_seconds: float | None = None  # arrival to first scheduling, on the first delta
     error: str = ""
+    prompt: PromptOutput | None = None  # on a choice's first delta, when echo or prompt logprobs
 
 
 class TextOutputs(_Msg, tag="text"):
@@ -483,6 +514,8 @@ class RequestPhases(_Part):
     transfer_seconds: float
     decode_seconds: float
     disaggregated: bool = False
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
 
 
 class SchedulerStats(_Msg, tag="stats"):
@@ -503,6 +536,9 @@ class SchedulerStats(_Msg, tag="stats"):
     num_preemptions: int = 0  # cumulative
     integrity_checks: int = 0  # cumulative full checks of every worker's KV accounting
     integrity_failures: int = 0  # of those, failed (a bug: the log says what contradicted)
+    step_tokens: list[int] = []  # tokens scheduled in each step planned since the previous stats
+    # The KV cache config as vLLM's cache_config_info labels (block_size, num_gpu_blocks, ...).
+    cache_info: dict[str, str] = {}
 
 
 GatewayInbound = TextOutputs | RequestFailed | SchedulerStats | StageHeartbeat

@@ -40,6 +40,10 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     stop: list[str] = []  # stop strings, matched by the detokenizer
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # The prompt tokens' logprobs (each with its top k alternatives), computed in the prefill;
+    # prompt-cache hits are not used for such a request, since cached tokens have no logits.
+    prompt_logprobs: int | None = None
+    echo: bool = False  # /v1/completions: the detokenizer returns the prompt's text too
 
     @property
     def greedy(self) -> bool:
@@ -66,6 +70,8 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
             _check_int("stop_token_ids", tid, lo=0, hi=None if vocab_size is None else vocab_size - 1)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, lo=0, hi=MAX_LOGPROBS)
         if len(self.stop) > MAX_STOP_STRINGS:
             raise SamplingParamsError("stop", f"at most {MAX_STOP_STRINGS} stop strings")
         for s in self.stop:

@@ -44,6 +44,7 @@ from scheduler_svc.worker_slot import DEAD, DRAINING, READY, WorkerSlot
 
 MAX_MIGRATIONS = 3  # a request moved this often is failed rather than moved again
 DEPARTED_MEMORY = 32  # workers that left, still shown by /workers
+MAX_STEP_RECORDS = 10_000  # per-step token counts kept between two stats (for a histogram)
 
 
 class NoWorkerReady(RuntimeError):
@@ -66,6 +67,7 @@ class CentralScheduler(KVHandoffs):
         self.no_cuda_ipc: set[tuple[str, str]] = set()  # (src, dst) pairs whose cuda-ipc failed
         self.finished_transfers: list[TransferRecord] = []  # since the last stats
         self.finished_phases: list[RequestPhases] = []  # since the last stats
+        self.step_tokens: list[int] = []  # tokens of each plan since the last stats (bounded)
         self.num_migrations = 0
         self.integrity_checks = 0
         # Cumulative counters of workers that left, so stack-wide totals never go backwards.
@@ -189,6 +191,9 @@ class CentralScheduler(KVHandoffs):
                 req = self.requests.get(seq.request_id)
                 if req is not None and not req.first_scheduled_at:
                     req.first_scheduled_at = now
+            if len(self.step_tokens) < MAX_STEP_RECORDS:
+                self.step_tokens.append(sum(s.num_scheduled_tokens for s in plan.new_seqs)
+                                        + sum(s.num_scheduled_tokens for s in plan.cached_seqs))
             plans.append(plan)
         effects = Effects()
         if plans:
@@ -368,4 +373,5 @@ def _phases(req: Request, now: float) -> RequestPhases:
     queue = max(0.0, req.first_scheduled_at - req.arrival_time) if req.first_scheduled_at else 0.0
     prefill = max(0.0, req.first_token_at - req.first_scheduled_at) if req.first_scheduled_at else 0.0
     decode = max(0.0, now - req.first_token_at - req.transfer_seconds)
-    return RequestPhases(queue, prefill, req.transfer_seconds, decode, disaggregated=req.transfer_seconds > 0)
+    return RequestPhases(queue, prefill, req.transfer_seconds, decode, disaggregated=req.transfer_seconds > 0,
+                         num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=req.num_output_tokens)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from protocol.messages import FinishReason
+from protocol.messages import FinishReason, TokenLogprobs
 from protocol.sampling import SamplingParams
 
 
@@ -44,6 +44,10 @@ class Request:
     first_token_at: float = 0.0
     transfer_seconds: float = 0.0  # summed KV transfer time
     num_migrations: int = 0  # moved off a dead or draining worker, or after a failed transfer
+    # Prompt logprobs (scheduler_svc.prompt_logprobs): rows held for prompt tokens 1..n.
+    prompt_logprob_parts: list[TokenLogprobs] = field(default_factory=list)
+    num_prompt_logprobs: int = 0
+    prompt_logprobs_sent: bool = False
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -146,9 +146,11 @@ class SchedulerService:
         rid = msg.request_id
         self.request_detok[rid] = detok
         self.client_id[rid] = client_id
+        wants_prompt = msg.params.echo or msg.params.prompt_logprobs is not None
         await self.detok_sock.send(detok, DetokRequest(
             rid, client_id, msg.index, msg.prompt_token_ids[-DETOK_PROMPT_TAIL:],
             len(msg.prompt_token_ids), msg.params,
+            prompt_token_ids=list(msg.prompt_token_ids) if wants_prompt else [],
         ))
         await self._kick(slot, pipeline=False)
 
@@ -325,6 +327,19 @@ class SchedulerService:
                 self._check_integrity()
             await self.gateway.send(self.stats())
 
+    def _cache_info(self, slots: list) -> dict[str, str]:
+        """The KV cache config in vLLM's `cache_config_info` label names."""
+        cache = self.central.cache
+        layout = next((s.hello.kv_layout for s in slots if s.hello.kv_layout is not None), None)
+        return {
+            "block_size": str(cache.block_size),
+            "cache_dtype": layout.dtype if layout is not None else "auto",
+            "enable_prefix_caching": str(cache.enable_prefix_caching),
+            "gpu_memory_utilization": str(cache.memory_utilization),
+            "num_gpu_blocks": str(sum(s.hello.num_kv_blocks for s in slots)),
+            "num_cpu_blocks": "None",
+        }
+
     def stats(self) -> SchedulerStats:
         c = self.central
         live = [s for s in c.workers.values() if s.state == READY]
@@ -333,6 +348,7 @@ class SchedulerService:
         first = next(iter(c.workers.values()), None)
         transfers, c.finished_transfers = c.finished_transfers, []
         phases, c.finished_phases = c.finished_phases, []
+        step_tokens, c.step_tokens = c.step_tokens, []
         slots = list(c.workers.values())
         return SchedulerStats(
             timestamp=time.time(),
@@ -349,5 +365,7 @@ class SchedulerService:
             num_migrations=c.num_migrations,
             num_preemptions=c.total("num_preemptions"),
             integrity_checks=c.integrity_checks,
+            step_tokens=step_tokens,
+            cache_info=self._cache_info(slots),
             integrity_failures=self.integrity_failures,
         )

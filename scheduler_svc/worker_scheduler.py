@@ -35,6 +35,9 @@ from protocol.messages import (
     TokenLogprobs,
 )
 from scheduler_svc.kv_cache_manager import KVCacheManager
+from scheduler_svc.prompt_logprobs import (
+    MAX_PROMPT_ROWS_PER_STEP, accept_chunk, take_prompt_logprobs, wants_prompt_rows,
+)
 from scheduler_svc.request import Request, RequestStatus
 from scheduler_svc.request_moves import RequestMoves, RequestRejected
 from scheduler_svc.stop_checker import check_stop
@@ -70,6 +73,7 @@ class WorkerScheduler(RequestMoves):
         self._order = 0
         self._step_ids = step_ids if step_ids is not None else itertools.count(1)
         self._step_id = 0
+        self._prompt_rows_left = MAX_PROMPT_ROWS_PER_STEP  # reset by every schedule()
         self.num_preemptions = 0
         # Prefix-cache statistics, counted once per request at its first successful admission:
         # a lookup whose allocation fails and is retried, or a recompute after preemption, is
@@ -166,10 +170,12 @@ class WorkerScheduler(RequestMoves):
         new_seqs: list[NewSeq] = []
         cached_seqs: list[CachedSeq] = []
         preemptions_before = self.num_preemptions
+        self._prompt_rows_left = MAX_PROMPT_ROWS_PER_STEP
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_uncomputed_tokens, budget, self.max_model_len - req.num_computed_tokens)
+            n = self._cap_prompt_rows(req, n)
             if n <= 0 or self._reaches_length_in_flight(req) or (req.prefill_only and req.num_inflight_samples):
                 i += 1
                 continue
@@ -231,9 +237,12 @@ class WorkerScheduler(RequestMoves):
         while self.waiting and budget > 0 and len(self.running) + len(self.incoming) < self.settings.max_num_seqs:
             req = self.waiting[0]
             hit_blocks, num_hit = ([], 0)
-            if self.kv.enable_prefix_caching:
+            looked_up = self.kv.enable_prefix_caching and not wants_prompt_rows(req)
+            if looked_up:
                 hit_blocks, num_hit = self.kv.get_computed_blocks(req.request_id, req.token_ids)
-            n = min(req.num_tokens - num_hit, budget)
+            n = self._cap_prompt_rows(req, min(req.num_tokens - num_hit, budget))
+            if n <= 0:  # the step's prompt-logprob rows are spent: it waits for the next one
+                break
             blocks = self.kv.allocate_slots(
                 req.request_id, req.token_ids, n, num_hit, hit_blocks
             )
@@ -242,7 +251,7 @@ class WorkerScheduler(RequestMoves):
             self.waiting.pop(0)
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit
-                if self.kv.enable_prefix_caching:
+                if looked_up:
                     self.prefix_cache_queries += req.num_prompt_tokens
                     self.prefix_cache_hits += num_hit
             req.num_computed_tokens = num_hit
@@ -252,6 +261,14 @@ class WorkerScheduler(RequestMoves):
             self._insert(self.running, req)
             budget -= n
         return budget
+
+    def _cap_prompt_rows(self, req: Request, n: int) -> int:
+        """n, or fewer for a request whose prompt rows are scored (MAX_PROMPT_ROWS_PER_STEP)."""
+        if n <= 0 or not wants_prompt_rows(req):
+            return n
+        n = min(n, self._prompt_rows_left)
+        self._prompt_rows_left -= n
+        return n
 
     def _new_seq(self, req: Request, n: int) -> NewSeq:
         """Everything the worker needs about a request it holds no state for; from this plan on
@@ -280,6 +297,10 @@ class WorkerScheduler(RequestMoves):
     def update(self, result: StepResult) -> list[RequestOutput]:
         """Append sampled tokens, judge stops, and report each request's new tokens."""
         outputs = []
+        for chunk in result.prompt_logprobs:
+            req = self.requests.get(chunk.request_id)
+            if req is not None and req.status == RequestStatus.RUNNING and result.step_id >= req.admitted_step:
+                accept_chunk(req, chunk)
         tokens = result.sampled_token_ids.tolist()
         for row, (rid, token) in enumerate(zip(result.request_ids, tokens)):
             req = self.requests.get(rid)
@@ -305,7 +326,9 @@ class WorkerScheduler(RequestMoves):
                 self._finish(req, reason)
             elif req.prefill_only and req.num_inflight_samples == 0:
                 self._hand_off(req)
-            outputs.append(self._output(req, [token], logprobs))
+            output = self._output(req, [token], logprobs)
+            output.prompt_logprobs = take_prompt_logprobs(req)
+            outputs.append(output)
         return outputs
 
     def fail_step(self, plan: StepPlan, message: str) -> list[RequestOutput]:

@@ -94,6 +94,8 @@ REJECTED: list[tuple[str, dict[str, Any]]] = [
     ("stop_token_ids", {"stop_token_ids": [1, "2"]}),
     ("logprobs", {"logprobs": -1}),
     ("logprobs", {"logprobs": MAX_LOGPROBS + 1}),
+    ("prompt_logprobs", {"prompt_logprobs": -1}),
+    ("prompt_logprobs", {"prompt_logprobs": MAX_LOGPROBS + 1}),
     ("stop", {"stop": ["x"] * (MAX_STOP_STRINGS + 1)}),
     ("stop", {"stop": [""]}),
     ("stop", {"stop": ["ok", 5]}),
@@ -113,7 +115,7 @@ def test_rejects_out_of_range_field(param: str, fields: dict[str, Any]) -> None:
 
 def test_every_validated_field_has_a_rejection_case() -> None:
     bounded = {f for f in SamplingParams.__struct_fields__} - {
-        "ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
+        "ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "echo",
     }
     assert {p for p, _ in REJECTED} == bounded
 

@@ -17,6 +17,7 @@ from typing import Any
 from protocol.messages import DetokRequest, FinishReason, RequestOutput, TextDelta, TokenLogprob
 from tokenizer_svc.incremental_detok import IncrementalDetokenizer
 from tokenizer_svc.logprobs_format import TokenTexts, format_logprobs
+from tokenizer_svc.prompt_output import build_prompt_output
 from tokenizer_svc.stop_strings import StopStringMatcher
 
 
@@ -35,7 +36,11 @@ class RequestDetokenizer:
         self._detok = IncrementalDetokenizer(tokenizer, req.prompt_tail_ids, params.skip_special_tokens)
         self._stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
         self._texts = token_texts
-        if self._num_top is not None and self._texts is None:
+        # echo / prompt logprobs: the prompt goes back with the first delta (prompt_output.py)
+        self._prompt_ids = list(req.prompt_token_ids) if params.echo or params.prompt_logprobs is not None else None
+        self._tokenizer = tokenizer
+        self._params = params
+        if (self._num_top is not None or self._prompt_ids is not None) and self._texts is None:
             self._texts = TokenTexts(tokenizer)
         self._num_output_tokens = 0
         self.finished = False  # a finish reason arrived or a stop string matched
@@ -65,7 +70,12 @@ class RequestDetokenizer:
         self.finished = ending or matched is not None
 
         logprobs = self._logprobs(out)
-        if not text and not self.finished and not (new_ids and logprobs is not None):
+        prompt = None
+        if self._prompt_ids is not None and self._texts is not None:
+            prompt = build_prompt_output(self._tokenizer, self._texts, self._prompt_ids, self._params,
+                                         out.prompt_logprobs)
+            self._prompt_ids = None
+        if not text and not self.finished and not (new_ids and logprobs is not None) and prompt is None:
             return None
         if matched is not None:
             finish_reason: str | None = "stop"
@@ -87,6 +97,7 @@ class RequestDetokenizer:
             num_cached_tokens=out.num_cached_tokens,
             queue_seconds=getattr(out, "queue_seconds", None),
             error=out.error,
+            prompt=prompt,
         )
 
     def _logprobs(self, out: RequestOutput) -> list[TokenLogprob] | None:

@@ -30,7 +30,9 @@ from protocol.messages import (
     SchedulerInbound,
     TokenizerInbound,
     choice_request_id,
+    choice_seed,
 )
+from protocol.sampling import SamplingParams
 from protocol.sockets import PullSocket, PushSocket
 from tokenizer_svc.tokenizer import Tokenizer
 
@@ -79,7 +81,7 @@ class PromptPreparer:
             AddRequest(
                 request_id=choice_request_id(req.request_id, i, req.n),
                 prompt_token_ids=ids,
-                params=params,
+                params=_choice_params(params, i),
                 eos_token_ids=self.tokenizer.eos_token_ids,
                 arrival_time=req.arrival_time,
                 priority=req.priority,
@@ -105,6 +107,13 @@ class PromptPreparer:
         if req.prompt is None:
             raise PromptError("one of prompt or messages is required", "prompt")
         return self.tokenizer.encode(req.prompt)
+
+
+def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice `index`'s params: its own seed (seed + index), so seeded choices differ."""
+    if params.seed is None or index == 0:
+        return params
+    return msgspec.structs.replace(params, seed=choice_seed(params.seed, index))
 
 
 async def serve_tokenizer(model: ModelSettings, stage: StageSettings, endpoints: Endpoints) -> None:

@@ -3,7 +3,8 @@
 The runner owns bookkeeping (the sequence table), packing (gpu_worker.step_inputs) and sampling
 (gpu_worker.sampler); between them it asks an executor for one thing: run the model over the
 step's packed tokens, writing their keys and values into the KV cache, and return float32
-logits [len(step.sample_seqs), vocab] for the last token of each sampling sequence, in order.
+logits [len(step.sample_seqs), vocab] for the last token of each sampling sequence, in order,
+followed by the logits of `step.prompt_rows` when a request asked for prompt logprobs.
 The eager executor does that with the shared model and a layer backend; the CUDA-graph executor
 (gpu_worker.backends.cuda_graphs) replays captured decode steps; a TensorRT engine would be one
 more implementation that binds the same StepInputs arrays.
@@ -29,7 +30,7 @@ class StepExecutor(Protocol):
     name: str
 
     def forward(self, step: StepInputs, fed: FedTokens | None = None) -> torch.Tensor:
-        """float32 logits [len(step.sample_seqs), vocab]; KV of every scheduled token written."""
+        """float32 logits [len(step.logit_rows), vocab]; KV of every scheduled token written."""
         ...
 
 
@@ -49,7 +50,8 @@ class EagerExecutor:
         if fed is not None:
             ids.index_copy_(0, fed.rows, fed.values)
         x, residual = self.model(ids, meta, self.kv_caches, self.backend)
-        if len(step.sample_seqs) == 0:
+        logit_rows = step.logit_rows
+        if len(logit_rows) == 0:
             return torch.empty(0, self.model.cfg.vocab_size, device=self.device)
-        rows = pinned_to_device(step.sample_rows, self.device)
+        rows = pinned_to_device(logit_rows, self.device)
         return self.model.compute_logits(x, residual, rows, self.backend)

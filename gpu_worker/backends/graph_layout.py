@@ -44,7 +44,7 @@ class GraphLayout:
         return self.FIELDS.index(field) * self.max_batch
 
     def fits(self, step: StepInputs) -> bool:
-        return (step.is_decode_only and step.num_seqs <= self.max_batch
+        return (step.is_decode_only and len(step.prompt_rows) == 0 and step.num_seqs <= self.max_batch
                 and step.block_tables.shape[1] <= self.max_blocks)
 
     def host_parts(self, step: StepInputs, bucket: int) -> list[np.ndarray]:
