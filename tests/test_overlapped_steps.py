@@ -3,7 +3,8 @@
 On CPU a launch completes the step, but with `overlap_steps="on"` the bookkeeping is the CUDA
 one: N's samples enter N+1 as placeholders that the executor fills from N's token tensor. The
 engine with overlap must produce exactly what the plain engine produces, for greedy, seeded
-random, penalised (which forces the history to be resolved first) and stopped requests, with
+random, penalised (which forces the history to be resolved first), prompt-logprob and stopped
+requests, with
 chunked prefill and a batch that changes every step.
 """
 
@@ -39,7 +40,7 @@ def _requests(tok):
         SamplingParams(max_tokens=19, temperature=1.0, top_k=20, seed=3, frequency_penalty=0.5),
         SamplingParams(max_tokens=12, temperature=0.0, min_tokens=4, logprobs=2),
         SamplingParams(max_tokens=25, temperature=0.7, min_p=0.05, seed=11),
-        SamplingParams(max_tokens=9, temperature=0.0),
+        SamplingParams(max_tokens=9, temperature=0.0, prompt_logprobs=2),
     ]
     return [make_request(f"r{i}", tok.apply_chat_template([{"role": "user", "content": p}]), sp, eos)
             for i, (p, sp) in enumerate(zip(prompts, params))]
@@ -56,6 +57,9 @@ def test_overlapped_engine_equals_plain_engine(smollm2_dir, smollm2_tokenizer):
         assert g.token_ids == e.token_ids, g.request_id
         assert g.finish_reason == e.finish_reason
         assert [lp.token_ids.tolist() for lp in g.logprobs] == [lp.token_ids.tolist() for lp in e.logprobs]
+        assert (g.prompt_logprobs is None) == (e.prompt_logprobs is None)
+        if e.prompt_logprobs is not None:  # computed in a prefill step that runs overlapped
+            assert g.prompt_logprobs.token_ids.tolist() == e.prompt_logprobs.token_ids.tolist()
     # The worker's sequences hold no placeholder once everything is finished and forgotten.
     assert overlapped.runner.seqs.seqs == {}
     assert all(len(c.token_ids) > 0 for c in got)
