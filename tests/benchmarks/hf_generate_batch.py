@@ -58,7 +58,7 @@ def main() -> int:
         try:
             with model.continuous_batching_context_manager(generation_config=gen, block=True, timeout=5,
                                                            **cb_kwargs) as manager:
-                ids = [manager.add_request(ids, max_new_tokens=n) for ids, n in zip(inputs, out_lens)]
+                ids = [manager.add_request(ids, max_new_tokens=n, eos_token_id=-1) for ids, n in zip(inputs, out_lens)]
                 done, produced = 0, 0
                 while done < len(ids):
                     result = manager.get_result(timeout=1)
@@ -77,7 +77,8 @@ def main() -> int:
 
     run(prompts[:8], [8] * min(8, len(prompts)))  # warm-up: kernels, graphs
     seconds, produced, how = run(prompts, lens)
-    report.update(seconds=seconds, output_tokens=produced, output_throughput=produced / seconds, how=how)
+    report.update(seconds=seconds, output_tokens=produced, output_throughput=produced / seconds, how=how,
+                  asked_tokens=sum(lens), valid=produced == sum(lens) or not how.startswith("per-request"))
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report), flush=True)
     return 0
