@@ -30,6 +30,8 @@ from protocol.model_files.model_config import ModelConfig
 from gpu_worker.sampler import sample
 from gpu_worker.sampling_batch import SamplingBatch, SamplingRow
 from gpu_worker.seq_state import SeqState, SequenceTable
+from gpu_worker.structured.grammar_matcher import GrammarCompiler
+from gpu_worker.structured.step_masks import MaskJob, StructuredDecoding
 from gpu_worker.step_inputs import build_step_inputs, step_inputs_from_arrays
 from protocol.config import CacheSettings, ConfigError, ModelSettings
 from protocol.messages import StepPlan, StepResult, TokenLogprobs
@@ -98,6 +100,7 @@ class ModelRunner:
             cfg, plan.num_blocks, self.block_size, self.device, self.dtype
         )
         self.seqs = SequenceTable(self.block_size)
+        self.structured = StructuredDecoding(GrammarCompiler(self.hf_dir, cfg.vocab_size))
         self.executor: StepExecutor = EagerExecutor(self.model, self.backend, self.kv_caches, self.device)
         graph_note = ""
         if graph_sizes:
@@ -169,21 +172,27 @@ class ModelRunner:
         if not scheduled:
             return StepResult(plan.step_id, self.worker_id, [], np.empty(0, dtype=np.int64))
         step = build_step_inputs(scheduled, self.block_size)
+        sampling = [scheduled[i].state for i in step.sample_seqs]
+        masks = self.structured.start(sampling)  # grammar rows: masks built during the forward
         logits = self.executor.forward(step)
-        result = self._sample(plan.step_id, [scheduled[i].state for i in step.sample_seqs], logits)
+        result = self._sample(plan.step_id, sampling, logits, masks)
         for s in scheduled:
             s.state.num_computed_tokens = s.num_computed + s.num_scheduled
         result.execute_seconds = time.perf_counter() - start
         return result
 
-    def _sample(self, step_id: int, states: list[SeqState], logits: torch.Tensor) -> StepResult:
+    def _sample(self, step_id: int, states: list[SeqState], logits: torch.Tensor,
+                masks: MaskJob | None = None) -> StepResult:
         if not states:
             return StepResult(step_id, self.worker_id, [], np.empty(0, dtype=np.int64))
         rows = [_sampling_row(s) for s in states]
-        out = sample(logits, SamplingBatch.build(rows, logits.shape[-1], self.device))
+        allowed = None if masks is None else masks.result()
+        out = sample(logits, SamplingBatch.build(rows, logits.shape[-1], self.device, allowed))
         tokens = out.token_ids.cpu().numpy()
         for state, tok in zip(states, tokens.tolist()):
             state.token_ids.append(tok)
+        if masks is not None:
+            self.structured.advance(states)
         logprobs = None
         if out.logprobs is not None:
             logprobs = TokenLogprobs(
