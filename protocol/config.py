@@ -32,6 +32,7 @@ class ModelSettings(msgspec.Struct, frozen=True, kw_only=True):
     seed: int = 0
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    chat_template: str | None = None
 
     def validate(self) -> None:
         _choice("load_format", self.load_format, ("auto", "safetensors", "gguf", "dummy"))
@@ -128,8 +129,10 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     served_model_name: str | None = None
     max_request_bytes: int = 1 << 20
     request_timeout: float = 600.0
+    tool_call_parser: str = "hermes"
 
     def validate(self) -> None:
+        _choice("tool_call_parser", self.tool_call_parser, ("hermes", "llama3_json"))
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
         if self.max_request_bytes < 1024:
@@ -193,6 +196,8 @@ SETTING_HELP: dict[str, str] = {
     "decode kernel; fail if it cannot be built) | triton (Triton kernels on CUDA; fail without triton)",
     "enforce_eager": "never capture CUDA graphs: every step runs eagerly (the triton backend "
     "otherwise replays decode steps from graphs captured at start-up)",
+    "chat_template": "a Jinja chat template file that replaces the model's own (the tokenizer "
+    "workers render every chat request with it, tools included)",
     "block_size": "tokens per KV-cache block",
     "memory_utilization": "fraction of device memory (CUDA: total; CPU: available RAM) for "
     "weights + KV cache (default 0.9 on CUDA, 0.1 on CPU)",
@@ -218,6 +223,9 @@ SETTING_HELP: dict[str, str] = {
     "served_model_name": "model name in the API (default: the --model value)",
     "max_request_bytes": "largest accepted request body (413 past it)",
     "request_timeout": "seconds a request may take before the gateway aborts it",
+    "tool_call_parser": "how tool calls are read from the output under tool_choice auto: hermes "
+    "(<tool_call>{json}</tool_call>, the bundled template's format) | llama3_json ({\"name\": ..., "
+    "\"parameters\": ...} objects separated by ;)",
     "stage_id": "this process's id (worker id, tokenizer id...); default: stage name, hostname "
     "and pid (unique across containers, where every pid is 1)",
     "role": "worker role: mixed | prefill | decode",
