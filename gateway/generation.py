@@ -36,7 +36,8 @@ class Generation:
                  tools: ToolPlan | None = None, tool_call_parser: str = "hermes") -> None:
         self.client, self.metrics, self.streams = client, metrics, streams
         self.chat, self.model = chat, model
-        self.tools, self.tool_call_parser = tools, tool_call_parser
+        self.tools = tools if tools is not None and tools.reads_calls else None
+        self.tool_call_parser = tool_call_parser
         self.parsers: dict[int, Any] = {}  # choice index -> its tool-call parser
         self.n = streams[0].n
         self.include_usage = bool(parsed.include_usage)

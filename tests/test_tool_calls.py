@@ -91,7 +91,8 @@ def test_named_choice_generates_the_functions_arguments():
     assert plan.structured == json_schema_output(WEATHER["function"]["parameters"])
     assert plan_tools([WEATHER], None, None).mode == "auto"
     assert plan_tools([WEATHER], "auto", None).structured is None
-    assert plan_tools([WEATHER], "none", None) is None and plan_tools(None, None, None) is None
+    assert plan_tools([WEATHER], "none", None).reads_calls is False  # tools still in the prompt
+    assert plan_tools(None, None, None) is None and plan_tools(None, "none", None) is None
 
 
 def _build(body: dict[str, Any], chat: bool = True):

@@ -25,10 +25,15 @@ ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 @dataclass
 class ToolPlan:
-    mode: str  # "auto" | "required" | "named"
+    mode: str  # "none" | "auto" | "required" | "named"
     tools: list[dict[str, Any]]  # normalised OpenAI tool objects, for the chat template
     function_name: str | None = None  # the named function
     structured: StructuredOutput | None = None  # the grammar of "required" and named choices
+
+    @property
+    def reads_calls(self) -> bool:
+        """Whether the output is read for tool calls (not with tool_choice "none")."""
+        return self.mode != "none"
 
     @property
     def parameters(self) -> dict[str, dict[str, Any]]:
@@ -37,15 +42,18 @@ class ToolPlan:
 
 def plan_tools(tools: list[Any] | None, tool_choice: Any, parallel_tool_calls: bool | None
                ) -> ToolPlan | None:
-    """None when no tool may be called (no tools, or tool_choice "none")."""
+    """None without tools. With tool_choice "none" the tools still reach the template (the
+    model knows them, as with OpenAI and vLLM) but the output is plain content."""
     if tool_choice is not None and not tools and tool_choice != "none":
         raise APIError(400, "tool_choice needs tools", param="tool_choice")
-    if not tools or tool_choice == "none":
+    if not tools:
         return None
     normalised = [_tool(t, i) for i, t in enumerate(tools)]
     names = [t["function"]["name"] for t in normalised]
     if len(set(names)) != len(names):
         raise APIError(400, "tool function names must be unique", param="tools")
+    if tool_choice == "none":
+        return ToolPlan("none", normalised)
     plan = ToolPlan("auto", normalised)
     if tool_choice is None or tool_choice == "auto":
         return plan
