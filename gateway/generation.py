@@ -18,7 +18,8 @@ from gateway.errors import APIError, error_body
 from gateway.metrics import GatewayMetrics
 from gateway.openai_schemas import choice_index
 from gateway import responses as R
-from gateway.tool_calls.parsers import ParsedOutput, call_dicts, delta_dicts, parser_for
+from gateway.tool_calls.parsers import ParsedOutput, parser_for
+from gateway.tool_calls.wire_format import call_dicts, delta_dicts
 from gateway.tool_calls.tool_request import ToolPlan
 from protocol.messages import RequestFailed, TextDelta
 

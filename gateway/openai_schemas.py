@@ -19,12 +19,12 @@ context leaves); /v1/completions defaults to 16 tokens, as OpenAI and vLLM do.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Annotated, Any
 
 import msgspec
 
+from gateway.chat_messages import ChatMessage, chat_messages
 from gateway.errors import APIError
 from gateway.structured_request import structured_output_of
 from gateway.tool_calls.tool_request import ToolPlan, plan_tools
@@ -35,7 +35,6 @@ from protocol.structured_output import StructuredOutput
 MAX_N = 16
 MAX_TOKENS_PLACEHOLDER = 2**31 - 1  # "as many as fit"; the tokenizer clamps it to the context
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]  # what msgpack carries
 
@@ -48,19 +47,6 @@ class StreamOptions(msgspec.Struct):
 class ResponseFormat(msgspec.Struct):
     type: str
     json_schema: Any = None  # {"name": ..., "schema": {...}, "strict": ...}
-
-
-class ContentPart(msgspec.Struct):
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(msgspec.Struct):
-    role: str
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-    tool_calls: list[Any] | None = None  # an assistant turn's calls (history)
-    tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
 class _SamplingFields(msgspec.Struct, kw_only=True):
@@ -202,7 +188,7 @@ def to_generate_requests(
                            "drop response_format / structured_outputs", param="tool_choice")
         structured = tools.structured
     if isinstance(req, ChatCompletionRequest):
-        messages = _chat_messages(req.messages)
+        messages = chat_messages(req.messages)
         params, is_default = _sampling_params(req, _chat_max_tokens(req), _chat_logprobs(req),
                                               structured)
         return [GenerateRequest(request_id=request_id, params=params, messages=messages,
@@ -241,72 +227,11 @@ def _reject_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
         raise APIError(400, 'only the "text" modality is supported', param="modalities")
 
 
-def _chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as the chat template takes them: text content, text parts joined by newlines."""
-    if not messages:
-        raise APIError(400, "messages must not be empty", param="messages")
-    out = []
-    for i, m in enumerate(messages):
-        if m.role not in CHAT_ROLES:
-            raise APIError(400, f"unknown role {m.role!r}; expected one of "
-                           f"{sorted(CHAT_ROLES)}", param=f"messages[{i}].role")
-        if m.content is None:
-            if m.role != "assistant":
-                raise APIError(400, "content is required", param=f"messages[{i}].content")
-            content = ""
-        elif isinstance(m.content, str):
-            content = m.content
-        else:
-            texts = []
-            for j, part in enumerate(m.content):
-                where = f"messages[{i}].content[{j}]"
-                if part.type != "text":
-                    raise APIError(400, f"content part type {part.type!r} is not supported; "
-                                   "only \"text\"", param=f"{where}.type")
-                if part.text is None:
-                    raise APIError(400, "a text part needs \"text\"", param=f"{where}.text")
-                texts.append(part.text)
-            content = "\n".join(texts)
-        msg: dict[str, Any] = {"role": m.role, "content": content}
-        if m.name is not None:
-            msg["name"] = m.name
-        if m.tool_calls:
-            if m.role != "assistant":
-                raise APIError(400, "only assistant messages carry tool_calls",
-                               param=f"messages[{i}].tool_calls")
-            msg["tool_calls"] = [_history_call(c, f"messages[{i}].tool_calls[{j}]")
-                                 for j, c in enumerate(m.tool_calls)]
-        if m.role == "tool":
-            if m.tool_call_id is None:
-                raise APIError(400, "a tool message needs tool_call_id",
-                               param=f"messages[{i}].tool_call_id")
-            msg["tool_call_id"] = m.tool_call_id
-        out.append(msg)
-    return out
-
-
 def chat_tool_plan(req: ChatCompletionRequest | CompletionRequest) -> ToolPlan | None:
     """The request's tools and tool_choice, checked (None: no tool may be called)."""
     if not isinstance(req, ChatCompletionRequest):
         return None
     return plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
-
-
-def _history_call(call: Any, where: str) -> dict[str, Any]:
-    """An earlier assistant tool call, its arguments as an object (templates render them with
-    `tojson`; a string would come out quoted twice)."""
-    fn = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-        raise APIError(400, 'a tool call is {"id": ..., "type": "function", "function": '
-                       '{"name": ..., "arguments": "..."}}', param=where)
-    arguments = fn.get("arguments", "{}")
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except ValueError:
-            raise APIError(400, "arguments must be a JSON text", param=f"{where}.function.arguments") from None
-    return {"id": call.get("id"), "type": "function",
-            "function": {"name": fn["name"], "arguments": arguments}}
 
 
 def _chat_max_tokens(req: ChatCompletionRequest) -> tuple[str, int | None]:

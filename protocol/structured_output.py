@@ -8,13 +8,15 @@ catches bad schemas, regexes and grammars in well under a millisecond, so the ga
 400 before anything is queued. llguidance needs no torch, so every stage may import this.
 
 JSON is generated compactly and in one layout: properties in the schema's order, `", "` between
-items and `": "` after keys, no other whitespace. A small model cannot then pad an answer with
+items and `": "` after keys, no other whitespace; an object lists only its schema's properties
+unless the schema allows others (`close_objects`). A small model cannot then pad an answer with
 whitespace until max_tokens, and streaming tool-call parsers see one fixed shape.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import msgspec
 
@@ -62,13 +64,42 @@ def grammar_text(spec: StructuredOutput) -> str:
             raise StructuredOutputError(f"the JSON schema is not valid JSON: {exc}") from None
         if not isinstance(schema, (dict, bool)):
             raise StructuredOutputError("a JSON schema must be an object")
-        return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+        return LLMatcher.grammar_from_json_schema(close_objects(schema), defaults=JSON_OPTIONS)
     if spec.kind == "regex":
         return LLMatcher.grammar_from_regex(spec.source)
     if spec.kind == "choice":
         return LLMatcher.grammar_from_lark("start: " + " | ".join(
             json.dumps(c) for c in _choices(spec.source)))
     return LLMatcher.grammar_from_lark(_lark_of(spec.source))
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_ONE = ("items", "additionalProperties", "additionalItems", "unevaluatedItems", "contains",
+               "not", "if", "then", "else", "propertyNames")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+
+
+def close_objects(schema: Any) -> Any:
+    """A copy of `schema` where an object schema that lists `properties` and says nothing about
+    others admits no others (`additionalProperties: false`), as vLLM's default (xgrammar's strict
+    mode) does: otherwise a small model invents keys until max_tokens. Only schema positions are
+    visited, so a property that happens to be named "properties" is left alone."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if isinstance(out.get("properties"), dict) and not any(
+            k in out for k in ("additionalProperties", "patternProperties", "unevaluatedProperties")):
+        out["additionalProperties"] = False
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: close_objects(sub) for name, sub in out[key].items()}
+    for key in _SCHEMA_ONE:
+        if isinstance(out.get(key), dict):
+            out[key] = close_objects(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [close_objects(sub) for sub in out[key]]
+    return out
 
 
 def check_structured_output(spec: StructuredOutput) -> str:

@@ -14,7 +14,8 @@ from gpu_worker.structured.grammar_matcher import GrammarCompiler
 from gpu_worker.structured.token_bitmask import allowed_tokens, apply_token_bitmask, full_bitmask
 from protocol.sampling import SamplingParams, SamplingParamsError
 from protocol.structured_output import (
-    StructuredOutput, StructuredOutputError, check_structured_output, json_schema_output,
+    StructuredOutput, StructuredOutputError, check_structured_output, close_objects,
+    json_schema_output,
 )
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}, "n": {"type": "integer"}},
@@ -45,6 +46,22 @@ def test_valid_specs_compile(spec):
 def test_invalid_specs_say_why(spec, words):
     with pytest.raises(StructuredOutputError, match=words):
         check_structured_output(spec)
+
+
+def test_objects_admit_only_their_properties_unless_the_schema_says_otherwise():
+    item = {"type": "object", "properties": {"properties": {"type": "string"}}}
+    schema = {"type": "object", "properties": {
+        "a": item, "b": {"type": "array", "items": item},
+        "c": {"anyOf": [item, {"type": "null"}]},
+        "d": {"type": "object", "properties": {}, "additionalProperties": {"type": "integer"}},
+        "e": {"$ref": "#/$defs/x"}}, "$defs": {"x": item}}
+    closed = close_objects(schema)
+    shut = {**item, "additionalProperties": False}
+    assert closed == {**schema, "additionalProperties": False, "properties": {
+        "a": shut, "b": {"type": "array", "items": shut}, "c": {"anyOf": [shut, {"type": "null"}]},
+        "d": schema["properties"]["d"], "e": {"$ref": "#/$defs/x"}}, "$defs": {"x": shut}}
+    assert closed["properties"]["a"]["properties"] == {"properties": {"type": "string"}}  # a name
+    assert schema["properties"]["a"] is item and "additionalProperties" not in item  # not mutated
 
 
 def test_sampling_params_refuse_eos_overrides_under_a_grammar():

@@ -8,9 +8,8 @@ from typing import Any
 import pytest
 
 from gateway.openai_schemas import chat_tool_plan, parse_chat_request, parse_completion_request, to_generate_requests
-from gateway.tool_calls.parsers import (
-    HermesParser, Llama3JsonParser, NamedCallParser, RequiredCallsParser, delta_dicts,
-)
+from gateway.tool_calls.parsers import HermesParser, Llama3JsonParser, NamedCallParser, RequiredCallsParser
+from gateway.tool_calls.wire_format import delta_dicts
 from gateway.tool_calls.tool_request import plan_tools
 from protocol.structured_output import StructuredOutput, json_schema_output
 
@@ -43,6 +42,8 @@ CASES = [
     (HermesParser, HERMES_TEXT, "Let me check.\n",
      [("get_weather", '{"city": "Paris \\"}\\" x", "days": [1, {"a": "]"}]}'), ("get_time", "{}")]),
     (HermesParser, "no call here, just <tool text", "no call here, just <tool text", []),
+    (HermesParser, "a <tool_call>not json</tool_call> b", "a <tool_call>not json</tool_call> b", []),
+    (HermesParser, 'cut <tool_call>{"name": 3', 'cut <tool_call>{"name": 3', []),
     (RequiredCallsParser, '[{"name": "get_weather", "parameters": {"city": "Oslo"}}, '
      '{"name": "get_time", "parameters": {}}]', "",
      [("get_weather", '{"city": "Oslo"}'), ("get_time", "{}")]),
@@ -50,6 +51,7 @@ CASES = [
      '{"name": "get_time", "parameters": {}}', "",
      [("get_weather", '{"city": "Rome"}'), ("get_time", "{}")]),
     (Llama3JsonParser, "The answer is 4.", "The answer is 4.", []),
+    (Llama3JsonParser, '{"answer": 4}', '{"answer": 4}', []),
     (lambda: NamedCallParser("get_weather"), '{"city": "Lima"}', "", [("get_weather", '{"city": "Lima"}')]),
 ]
 

@@ -68,16 +68,19 @@ class _CallsParser:
         elif fragment:
             out.deltas.append(ToolCallDelta(len(self.calls), fragment))
 
-    def _close(self, out: ParsedOutput) -> bool:
-        """End the open call; False (and nothing sent) if its text was not a call."""
+    def _close(self, out: ParsedOutput) -> str | None:
+        """End the open call. Its text if that was no call and nothing of it was sent, for the
+        caller to give back as content; None otherwise."""
         scanner, self._scanner = self._scanner, None
         assert scanner is not None
         call = scanner.finish()
         if call is None:
-            if self._named:  # streamed already: keep what the client has seen
-                self.calls.append(ToolCall(scanner.name or "", scanner.streamed_arguments))
-            self._named = False
-            return self._named
+            named, self._named = self._named, False
+            if not named:
+                return scanner.text
+            # streamed already: keep what the client has seen
+            self.calls.append(ToolCall(scanner.name or "", scanner.streamed_arguments))
+            return None
         index = len(self.calls)
         if not self._named:
             out.deltas.append(ToolCallDelta(index, call.arguments, new_call_id(), call.name))
@@ -85,7 +88,7 @@ class _CallsParser:
             out.deltas.append(ToolCallDelta(index, call.arguments[len(scanner.streamed_arguments):]))
         self.calls.append(call)
         self._named = False
-        return True
+        return None
 
 
 class NamedCallParser(_CallsParser):
@@ -144,12 +147,12 @@ class _ObjectSequence(_CallsParser):
             self._feed_call(text[:cut], out)
             text = text[cut:]
             self._object = None
-            self._close(out)
+            out.content += self._close(out) or ""  # an object that is no call: content
 
     def _finish_objects(self, out: ParsedOutput) -> None:
         if self._object is not None:
             self._object = None
-            self._close(out)
+            out.content += self._close(out) or ""
 
 
 class RequiredCallsParser(_ObjectSequence):
@@ -230,11 +233,17 @@ class HermesParser(_CallsParser):
             self._emit(self._buffer[:at], out)
             self._buffer = self._buffer[at + len(tag):]
             if self._inside:
-                self._close(out)
+                self._close_block(out, HERMES_END)
             else:
                 self._open()
             self._inside = not self._inside
         return out
+
+    def _close_block(self, out: ParsedOutput, end: str) -> None:
+        """A block whose text is no call object goes back into the content, tags included."""
+        text = self._close(out)
+        if text is not None:
+            out.content += HERMES_START + text + end
 
     def _emit(self, text: str, out: ParsedOutput) -> None:
         if not text:
@@ -250,7 +259,7 @@ class HermesParser(_CallsParser):
         self._emit(rest, out)
         if self._inside:  # an unclosed block (max_tokens): a call if its JSON is complete
             self._inside = False
-            self._close(out)
+            self._close_block(out, "")
         return out
 
 
@@ -280,22 +289,3 @@ def parser_for(mode: str, function_name: str | None, auto_name: str):
         return RequiredCallsParser()
     return auto_parser(auto_name)
 
-
-def delta_dicts(deltas: list[ToolCallDelta]) -> list[dict]:
-    """OpenAI's `delta.tool_calls` items: id, type and name on a call's first delta only."""
-    out = []
-    for d in deltas:
-        item: dict = {"index": d.index}
-        if d.id is not None:
-            item.update(id=d.id, type="function", function={"name": d.name, "arguments": d.arguments})
-        else:
-            item["function"] = {"arguments": d.arguments}
-        out.append(item)
-    return out
-
-
-def call_dicts(calls: list[ToolCall], deltas: list[ToolCallDelta]) -> list[dict]:
-    """`message.tool_calls` of a whole response (ids from the deltas that opened each call)."""
-    ids = {d.index: d.id for d in deltas if d.id is not None}
-    return [{"id": ids.get(i) or new_call_id(), "type": "function",
-             "function": {"name": c.name, "arguments": c.arguments}} for i, c in enumerate(calls)]
