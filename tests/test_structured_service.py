@@ -77,7 +77,7 @@ def test_response_format_json_schema_and_json_object(client):
     assert choice.finish_reason == "stop"  # the grammar ended it, not max_tokens
     jsonschema.validate(json.loads(choice.message.content), PERSON)
     resp = _chat(client, messages=[{"role": "user", "content": "Give me some JSON."}],
-                 response_format={"type": "json_object"}, max_tokens=60, temperature=0)
+                 response_format={"type": "json_object"}, max_tokens=30, temperature=0)
     text = resp.choices[0].message.content
     if resp.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(text), dict)
