@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-_BITS = torch.arange(32, dtype=torch.int32)
+_BITS: dict[torch.device, torch.Tensor] = {}  # 0..31 on each device, made once
 
 
 def bitmask_words(vocab_size: int) -> int:
@@ -24,7 +24,9 @@ def full_bitmask(num_rows: int, vocab_size: int) -> np.ndarray:
 
 def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """bool [N, V] from int32 [N, W] (on the bitmask's device)."""
-    bits = _BITS.to(bitmask.device)
+    bits = _BITS.get(bitmask.device)
+    if bits is None:
+        bits = _BITS[bitmask.device] = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     expanded = (bitmask.unsqueeze(-1) >> bits) & 1  # arithmetic shift: bit 31 reads as 1 too
     return expanded.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
 
