@@ -23,7 +23,9 @@ from gateway.engine_client import EngineClient
 from gateway.errors import APIError, error_body
 from gateway.generation import Generation, wait_for_disconnect
 from gateway.metrics import GatewayMetrics
-from gateway.openai_schemas import parse_chat_request, parse_completion_request, to_generate_requests
+from gateway.openai_schemas import (
+    chat_tool_plan, parse_chat_request, parse_completion_request, to_generate_requests,
+)
 from protocol.config import GatewaySettings, LaunchSettings
 
 
@@ -119,13 +121,14 @@ class GatewayApp:
         request_id = f"{client_id[:64]}-{uuid.uuid4().hex[:8]}"
         body = await self._read_body(request)
         parsed = parse_chat_request(body) if chat else parse_completion_request(body)
-        gen_requests = to_generate_requests(parsed, request_id, time.time(), self.served_model)
+        tools = chat_tool_plan(parsed)
+        gen_requests = to_generate_requests(parsed, request_id, time.time(), self.served_model, tools)
         ok, reason = self.client.readiness(self.launch.tokenizers, self.launch.detokenizers)
         if not ok:
             raise APIError(503, f"pdserve is not ready: {reason}")
         streams = [await self.client.submit(g) for g in gen_requests]
         gen = Generation(self.client, self.metrics, streams, parsed, chat, request_id,
-                         self.served_model, self.gw.request_timeout,
+                         self.served_model, self.gw.request_timeout, tools, self.gw.tool_call_parser,
                          prompts=[g.prompt for g in gen_requests])
         headers = {"x-request-id": client_id}
         try:

@@ -19,6 +19,9 @@ from gateway.metrics import GatewayMetrics
 from gateway.openai_schemas import choice_index
 from gateway.prompt_echo import EchoSpec
 from gateway import responses as R
+from gateway.tool_calls.parsers import ParsedOutput, parser_for
+from gateway.tool_calls.wire_format import call_dicts, delta_dicts
+from gateway.tool_calls.tool_request import ToolPlan
 from protocol.messages import RequestFailed, TextDelta
 
 
@@ -32,9 +35,13 @@ async def wait_for_disconnect(request: Request) -> None:
 class Generation:
     def __init__(self, client: EngineClient, metrics: GatewayMetrics, streams: list[RequestStream],
                  parsed: Any, chat: bool, request_id: str, model: str, timeout: float,
+                 tools: ToolPlan | None = None, tool_call_parser: str = "hermes",
                  prompts: list[str | None] | None = None) -> None:
         self.client, self.metrics, self.streams = client, metrics, streams
         self.chat, self.model = chat, model
+        self.tools = tools if tools is not None and tools.reads_calls else None
+        self.tool_call_parser = tool_call_parser
+        self.parsers: dict[int, Any] = {}  # choice index -> its tool-call parser
         self.n = streams[0].n
         self.echo = EchoSpec.of(parsed, chat, prompts or [])  # echo / prompt_logprobs, or None
         self.max_tokens_param = getattr(parsed, "max_completion_tokens", None) or parsed.max_tokens
@@ -125,6 +132,9 @@ class Generation:
         errors = [c.error or "generation failed" for c in self.choices.values() if c.finish_reason == "error"]
         if errors:
             raise APIError(500, errors[0])
+        if self.tools is not None:
+            for choice in self.choices.values():
+                self._read_tool_calls(choice)
         body_of = R.chat_completion_body if self.chat else R.completion_body
         body = body_of(self.response_id, self.created, self.model, list(self.choices.values()), self._usage())
         if self.echo is not None:
@@ -142,6 +152,28 @@ class Generation:
             result = self.choices[choice["index"]]
             self.echo.completion_choice(choice, result.prompt, result.logprobs)
 
+    def _parse(self, index: int, text: str, final: bool) -> ParsedOutput:
+        """Feed a choice's new text to its tool-call parser (made on first use)."""
+        assert self.tools is not None
+        parser = self.parsers.get(index)
+        if parser is None:
+            parser = self.parsers[index] = parser_for(
+                self.tools.mode, self.tools.function_name, self.tool_call_parser)
+        out = parser.feed(text)
+        if final:
+            end = parser.finish()
+            out.content += end.content
+            out.deltas += end.deltas
+        return out
+
+    def _read_tool_calls(self, choice: R.ChoiceResult) -> None:
+        out = self._parse(choice.index, choice.text, final=True)
+        parser = self.parsers[choice.index]
+        if parser.calls:
+            choice.tool_calls = call_dicts(parser.calls, out.deltas)
+            choice.content = out.content if out.content.strip() else None
+            choice.finish_reason = _tool_finish(choice.finish_reason, True)
+
     async def stream(self) -> AsyncIterator[bytes]:
         args = (self.response_id, self.created, self.model)
         offsets: dict[int, int] = {}
@@ -157,8 +189,14 @@ class Generation:
                 if self.chat:
                     if first:
                         yield R.sse(R.chat_chunk(*args, index, "", role=True, usage=usage))
-                    yield R.sse(R.chat_chunk(*args, index, d.text, finish_reason=d.finish_reason,
-                                             stop_reason=d.stop_reason, logprobs=d.logprobs, usage=usage))
+                    text, calls, finish = d.text, None, d.finish_reason
+                    if self.tools is not None:
+                        out = self._parse(index, d.text, final=finish is not None)
+                        text, calls = out.content, delta_dicts(out.deltas)
+                        finish = _tool_finish(finish, self.parsers[index].made_calls)
+                    yield R.sse(R.chat_chunk(*args, index, text, finish_reason=finish,
+                                             stop_reason=d.stop_reason, logprobs=d.logprobs, usage=usage,
+                                             tool_calls=calls))
                 else:
                     chunk = R.completion_chunk(*args, index, d.text, finish_reason=d.finish_reason,
                                                stop_reason=d.stop_reason, logprobs=d.logprobs,
@@ -181,3 +219,8 @@ class Generation:
             task.cancel()
         for stream in self.streams:
             await self.client.close_stream(stream)
+
+
+def _tool_finish(finish_reason: str | None, made_calls: bool) -> str | None:
+    """A choice that called tools and stopped by itself ends with "tool_calls"."""
+    return "tool_calls" if made_calls and finish_reason == "stop" else finish_reason

@@ -1,10 +1,12 @@
 """Request bodies of POST /v1/chat/completions and /v1/completions, and their GenerateRequests.
 
 Unknown fields are ignored: clients send fields we have no use for (`user`, `service_tier`,
-`parallel_tool_calls`, ...). Fields that would change what is generated and that we cannot
-honour (tools, JSON mode, logit_bias, chat echo, suffix, best_of != n, beam search, guided
-decoding) get a 400 naming them instead. Completions `echo` and `prompt_logprobs` are
-gateway.prompt_echo's. Optional fields accept `null` (vLLM's benchmark sends some).
+...). Fields that would change what is generated and that we cannot honour (logit_bias, chat
+echo, suffix, best_of != n, beam search, legacy `functions`) get a 400 naming them instead.
+Optional fields accept `null` (vLLM's benchmark sends some). Structured outputs
+(response_format, structured_outputs, guided_*) are read by `gateway/structured_request.py`,
+tools by `gateway/tool_calls/tool_request.py`; both turn into a grammar in the sampling params.
+Completions `echo` and `prompt_logprobs` are gateway.prompt_echo's.
 
 Status codes: body not JSON -> 400; JSON of the wrong shape (wrong type, missing required
 field) -> 422 with `param` the field's path, e.g. "temperature" or "messages[0].role"; a value
@@ -23,15 +25,18 @@ from typing import Annotated, Any
 
 import msgspec
 
+from gateway.chat_messages import ChatMessage, chat_messages
 from gateway.errors import APIError
 from gateway.prompt_echo import prompt_fields
+from gateway.structured_request import structured_output_of
+from gateway.tool_calls.tool_request import ToolPlan, plan_tools
 from protocol.messages import GenerateRequest
 from protocol.sampling import SamplingParams, SamplingParamsError
+from protocol.structured_output import StructuredOutput
 
 MAX_N = 16
 MAX_TOKENS_PLACEHOLDER = 2**31 - 1  # "as many as fit"; the tokenizer clamps it to the context
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]  # what msgpack carries
 
@@ -43,17 +48,7 @@ class StreamOptions(msgspec.Struct):
 
 class ResponseFormat(msgspec.Struct):
     type: str
-
-
-class ContentPart(msgspec.Struct):
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(msgspec.Struct):
-    role: str
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    json_schema: Any = None  # {"name": ..., "schema": {...}, "strict": ...}
 
 
 class _SamplingFields(msgspec.Struct, kw_only=True):
@@ -113,6 +108,7 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
+    parallel_tool_calls: bool | None = None
     modalities: list[str] | None = None
 
 
@@ -168,8 +164,10 @@ def to_generate_requests(
     request_id: str,
     arrival_time: float,
     served_model: str,
+    tools: ToolPlan | None = None,
 ) -> list[GenerateRequest]:
-    """Validate `req` and build one GenerateRequest per prompt; raises APIError.
+    """Validate `req` and build one GenerateRequest per prompt; raises APIError. `tools` is
+    `chat_tool_plan(req)` (computed once by the caller, which also parses the output with it).
 
     A chat request gives one. A completion with a list of prompts gives one per prompt, in
     order: item p (p = the prompt index) has id `prompt_request_id(request_id, p, len)` and its
@@ -185,15 +183,23 @@ def to_generate_requests(
     if req.best_of is not None and req.best_of != n:
         raise APIError(400, "best_of other than n is not supported", param="best_of")
     common: dict[str, Any] = dict(arrival_time=arrival_time, n=n, priority=req.priority or 0)
+    structured = structured_output_of(req)
+    if tools is not None and tools.structured is not None:
+        if structured is not None:
+            raise APIError(400, f"tool_choice {tools.mode!r} already constrains the output; "
+                           "drop response_format / structured_outputs", param="tool_choice")
+        structured = tools.structured
     if isinstance(req, ChatCompletionRequest):
-        messages = _chat_messages(req.messages)
-        params, is_default = _sampling_params(req, _chat_max_tokens(req), _chat_logprobs(req))
+        messages = chat_messages(req.messages)
+        params, is_default = _sampling_params(req, _chat_max_tokens(req), _chat_logprobs(req),
+                                              structured)
         params = msgspec.structs.replace(params, **prompt_fields(req, True, params.max_tokens)[0])
         return [GenerateRequest(request_id=request_id, params=params, messages=messages,
-                                max_tokens_is_default=is_default, **common)]
+                                max_tokens_is_default=is_default,
+                                tools=None if tools is None else tools.tools, **common)]
     fields, run_max_tokens = prompt_fields(
         req, False, req.max_tokens if req.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS)
-    params, is_default = _sampling_params(req, ("max_tokens", run_max_tokens), req.logprobs)
+    params, is_default = _sampling_params(req, ("max_tokens", run_max_tokens), req.logprobs, structured)
     params = msgspec.structs.replace(params, **fields)
     prompts = _completion_prompts(req.prompt)
     out = []
@@ -213,56 +219,23 @@ def _reject_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
             raise APIError(400, f"{name} is not supported", param=name)
     if req.echo and isinstance(req, ChatCompletionRequest):
         raise APIError(400, "echo is supported on /v1/completions only", param="echo")
-    for name in ("guided_json", "guided_regex", "guided_choice",
-                 "guided_grammar", "structured_outputs"):  # refused when present
-        if getattr(req, name) is not None:
-            raise APIError(400, f"{name} is not supported", param=name)
-    if req.response_format is not None and req.response_format.type != "text":
-        raise APIError(400, 'only response_format {"type": "text"} is supported',
-                       param="response_format")
     if isinstance(req, CompletionRequest):
         return
-    for choice, tools in (("tool_choice", "tools"), ("function_call", "functions")):
-        if getattr(req, choice) not in (None, "none"):
-            raise APIError(400, f'{choice} other than "none" is not supported', param=choice)
-        if getattr(req, tools) and getattr(req, choice) is None:
-            raise APIError(400, f'{tools} are not supported (with {choice} "none" they are '
-                           "accepted and ignored)", param=tools)
+    if req.function_call not in (None, "none"):
+        raise APIError(400, 'function_call other than "none" is not supported; use tools and '
+                       "tool_choice", param="function_call")
+    if req.functions and req.function_call is None:
+        raise APIError(400, 'functions are not supported (use tools; with function_call "none" '
+                       "they are accepted and ignored)", param="functions")
     if req.modalities is not None and req.modalities != ["text"]:
         raise APIError(400, 'only the "text" modality is supported', param="modalities")
 
 
-def _chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as the chat template takes them: text content, text parts joined by newlines."""
-    if not messages:
-        raise APIError(400, "messages must not be empty", param="messages")
-    out = []
-    for i, m in enumerate(messages):
-        if m.role not in CHAT_ROLES:
-            raise APIError(400, f"unknown role {m.role!r}; expected one of "
-                           f"{sorted(CHAT_ROLES)}", param=f"messages[{i}].role")
-        if m.content is None:
-            if m.role != "assistant":
-                raise APIError(400, "content is required", param=f"messages[{i}].content")
-            content = ""
-        elif isinstance(m.content, str):
-            content = m.content
-        else:
-            texts = []
-            for j, part in enumerate(m.content):
-                where = f"messages[{i}].content[{j}]"
-                if part.type != "text":
-                    raise APIError(400, f"content part type {part.type!r} is not supported; "
-                                   "only \"text\"", param=f"{where}.type")
-                if part.text is None:
-                    raise APIError(400, "a text part needs \"text\"", param=f"{where}.text")
-                texts.append(part.text)
-            content = "\n".join(texts)
-        msg: dict[str, Any] = {"role": m.role, "content": content}
-        if m.name is not None:
-            msg["name"] = m.name
-        out.append(msg)
-    return out
+def chat_tool_plan(req: ChatCompletionRequest | CompletionRequest) -> ToolPlan | None:
+    """The request's tools and tool_choice, checked (None: no tool may be called)."""
+    if not isinstance(req, ChatCompletionRequest):
+        return None
+    return plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
 
 
 def _chat_max_tokens(req: ChatCompletionRequest) -> tuple[str, int | None]:
@@ -287,6 +260,7 @@ def _sampling_params(
     req: ChatCompletionRequest | CompletionRequest,
     max_tokens: tuple[str, int | None],
     logprobs: int | None,
+    structured: StructuredOutput | None = None,
 ) -> tuple[SamplingParams, bool]:
     """SamplingParams with OpenAI's defaults for what the client left out, validated."""
     max_tokens_param, max_tokens_value = max_tokens
@@ -312,6 +286,7 @@ def _sampling_params(
         stop=[req.stop] if isinstance(req.stop, str) else list(given(req.stop, [])),
         include_stop_str_in_output=given(req.include_stop_str_in_output, False),
         skip_special_tokens=given(req.skip_special_tokens, True),
+        structured=structured,
     )
     try:
         params.validate()

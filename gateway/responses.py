@@ -76,6 +76,8 @@ class ChoiceResult:
     num_cached_tokens: int = 0
     error: str = ""
     prompt: PromptOutput | None = None  # echo / prompt logprobs (gateway.prompt_echo)
+    tool_calls: list[dict[str, Any]] | None = None  # set when the output was read as tool calls
+    content: str | None = None  # then: the text outside the calls (None if only whitespace)
 
     @property
     def text(self) -> str:
@@ -166,13 +168,19 @@ def chat_completion_body(
     return _envelope("chat.completion", response_id, created, model, [
         {
             "index": c.index,
-            "message": {"role": "assistant", "content": c.text},
+            "message": _chat_message(c),
             "logprobs": None if c.logprobs is None else chat_logprobs(c.logprobs),
             "finish_reason": c.finish_reason,
             "stop_reason": c.stop_reason,
         }
         for c in sorted(choices, key=lambda c: c.index)
     ], usage)
+
+
+def _chat_message(c: ChoiceResult) -> dict[str, Any]:
+    if c.tool_calls is None:
+        return {"role": "assistant", "content": c.text}
+    return {"role": "assistant", "content": c.content, "tool_calls": c.tool_calls}
 
 
 def completion_body(
@@ -206,9 +214,15 @@ def chat_chunk(
     response_id: str, created: int, model: str, index: int, text: str, *, role: bool = False,
     finish_reason: str | None = None, stop_reason: int | str | None = None,
     logprobs: list[TokenLogprob] | None = None, usage: dict[str, Any] | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A "chat.completion.chunk" with one choice's new text (`usage`: continuous stats)."""
+    """A "chat.completion.chunk" with one choice's new text (`usage`: continuous stats) and,
+    when the output is read as tool calls, their new deltas (content null if there is none)."""
     delta: dict[str, Any] = {"role": "assistant", "content": text} if role else {"content": text}
+    if tool_calls:
+        delta["tool_calls"] = tool_calls
+        if not text:
+            delta["content"] = None
     choice = {"index": index, "delta": delta,
               "logprobs": None if logprobs is None else chat_logprobs(logprobs)}
     return _envelope("chat.completion.chunk", response_id, created, model,

@@ -32,6 +32,8 @@ from protocol.model_files.model_config import ModelConfig
 from gpu_worker.sampler import sample
 from gpu_worker.sampling_batch import SamplingBatch, SamplingRow
 from gpu_worker.seq_state import SeqState, SequenceTable
+from gpu_worker.structured.grammar_matcher import GrammarCompiler
+from gpu_worker.structured.step_masks import MaskJob, StructuredDecoding
 from gpu_worker.step_inputs import build_step_inputs, step_inputs_from_arrays
 from protocol.config import CacheSettings, ConfigError, ModelSettings
 from protocol.messages import StepPlan, StepResult, TokenLogprobs
@@ -103,6 +105,7 @@ class ModelRunner:
         self.overlap = _overlap(model_settings.overlap_steps, self.device)
         self._last_finish = 0.0  # perf_counter when the last step's result was built
         self._last_timer: DeviceTimer | None = None  # the last finished step's device events
+        self.structured = StructuredDecoding(GrammarCompiler(self.hf_dir, cfg.vocab_size))
         self.executor: StepExecutor = EagerExecutor(self.model, self.backend, self.kv_caches, self.device)
         graph_note = ""
         if graph_sizes:
@@ -190,10 +193,13 @@ class ModelRunner:
         scheduled = self.seqs.apply(plan)
         pending = previous is not None and not previous.resolved
         if pending and any(s.samples and _needs_history(s.state.params) for s in scheduled):
+            # Penalties read the token history, and a grammar's matcher consumes every token
+            # (it catches up in StructuredDecoding.start): the previous samples must be known.
             previous.resolve()  # type: ignore[union-attr]
             pending = False
         step = build_step_inputs(scheduled, self.block_size)
         states = [scheduled[i].state for i in step.sample_seqs]
+        masks = self.structured.start(states)  # grammar rows: masks built during the forward
         prompt_rows = select_prompt_rows(scheduled, step)
         if prompt_rows is not None:
             step.prompt_rows = prompt_rows.rows
@@ -208,7 +214,7 @@ class ModelRunner:
             logits = logits[: len(states)]
         for s in scheduled:
             s.state.num_computed_tokens = s.num_computed + s.num_scheduled
-        launched = self._sample(plan.step_id, states, logits, timer, launched_at)
+        launched = self._sample(plan.step_id, states, logits, timer, launched_at, masks)
         launched.prompt_logprobs = prompt_logprobs
         return launched
 
@@ -237,11 +243,12 @@ class ModelRunner:
         self._last_timer = None
 
     def _sample(self, step_id: int, states: list[SeqState], logits: torch.Tensor | None,
-                timer: DeviceTimer | None, launched_at: float) -> InFlightStep:
+                timer: DeviceTimer | None, launched_at: float, masks: MaskJob | None = None) -> InFlightStep:
         rows = [_sampling_row(s) for s in states]
         if states:
             assert logits is not None
-            out = sample(logits, SamplingBatch.build(rows, logits.shape[-1], self.device))
+            allowed = None if masks is None else masks.result()  # before placeholders are appended
+            out = sample(logits, SamplingBatch.build(rows, logits.shape[-1], self.device, allowed))
             tokens, lp = out.token_ids, out.logprobs
         else:
             tokens, lp = torch.zeros(0, dtype=torch.int64, device=self.device), None
@@ -279,8 +286,10 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _needs_history(p) -> bool:
-    """Sampling that reads the sequence's earlier tokens (so they must be on the host)."""
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+    """Sampling that reads the sequence's earlier tokens (so they must be on the host):
+    penalties, and a grammar (structured output) whose matcher has to consume them."""
+    return (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+            or p.structured is not None)
 
 
 def _sampling_row(state: SeqState) -> SamplingRow:

@@ -1,7 +1,7 @@
 """Token sampler: logits [N, V] -> one token per row, plus optional logprobs.
 
-Follows vLLM's order: banned tokens -> penalties -> (greedy rows: argmax) -> temperature ->
-min_p -> top_k -> top_p -> random draw. Everything is batched tensor work on logits.device.
+Follows vLLM's order: grammar bitmask (structured output) -> banned tokens -> penalties ->
+(greedy rows: argmax) -> temperature -> min_p -> top_k -> top_p -> random draw. Everything is batched tensor work on logits.device.
 
 Random draws use no torch.Generator and no global RNG state: a counter-based integer hash of
 (seed, output_index, token id) gives each row its own uniform noise, so a seeded row draws
@@ -19,6 +19,7 @@ import torch
 
 from gpu_worker.sampling_batch import SamplingBatch
 from gpu_worker.sampling_noise import uniform_noise
+from gpu_worker.structured.token_bitmask import apply_token_bitmask
 
 
 @dataclass
@@ -69,7 +70,10 @@ def _choose_tokens(processed: torch.Tensor, batch: SamplingBatch) -> torch.Tenso
 
 
 def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Banned tokens to -inf, then penalties. Returns a new tensor when anything changes."""
+    """Grammar mask and banned tokens to -inf, then penalties. Returns a new tensor when
+    anything changes."""
+    if batch.allowed_bitmask is not None:  # structured output: what the grammar forbids
+        logits = apply_token_bitmask(logits, batch.allowed_bitmask)
     if batch.banned_index is None and not batch.any_penalty:
         return logits
     out = logits.clone(memory_format=torch.contiguous_format)  # flat .view(-1) below

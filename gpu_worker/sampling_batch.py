@@ -89,6 +89,8 @@ class SamplingBatch:
     any_min_p: bool  # among random rows
     max_top_k: int  # largest enabled top_k among random rows (0 if none)
     max_num_logprobs: int | None  # None when no row asked for logprobs
+    # Structured output: int32 [N, ceil(V/32)] allowed-token bits (gpu_worker.structured), or None.
+    allowed_bitmask: torch.Tensor | None = None
 
     @property
     def num_random(self) -> int:
@@ -100,7 +102,8 @@ class SamplingBatch:
 
     @classmethod
     def build(
-        cls, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device
+        cls, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device,
+        allowed_bitmask: np.ndarray | None = None,
     ) -> SamplingBatch:
         device = torch.device(device)
         v = vocab_size
@@ -181,6 +184,8 @@ class SamplingBatch:
             any_min_p=any_min_p,
             max_top_k=max(enabled_top_k, default=0),
             max_num_logprobs=min(max(wanted), v) if wanted else None,
+            allowed_bitmask=None if allowed_bitmask is None
+            else torch.from_numpy(allowed_bitmask).to(device, non_blocking=True),
         )
 
 

@@ -8,6 +8,7 @@ time the worker runs N+1 it has appended N's sample itself. Pure bookkeeping, no
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from protocol.messages import CachedSeq, NewSeq, StepPlan
 from protocol.sampling import SamplingParams
@@ -28,6 +29,7 @@ class SeqState:
     eos_token_ids: list[int]
     seed: int
     stop_ids: list[int] = field(default_factory=list)  # banned while under min_tokens
+    grammar: Any = None  # structured output: its SeqGrammar (gpu_worker.structured), made lazily
 
     @property
     def num_output_tokens(self) -> int:

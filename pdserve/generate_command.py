@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     from tokenizer_svc.tokenizer import Tokenizer
 
     engine = OfflineEngine(model, cache, sched)
-    tokenizer = Tokenizer.from_dir(engine.runner.hf_dir, name=model.model)
+    tokenizer = Tokenizer.from_dir(engine.runner.hf_dir, name=model.model, chat_template=model.chat_template)
     requests, errors = [], []
     for index, (line, params) in enumerate(lines):
         try:

@@ -34,6 +34,7 @@ class ModelSettings(msgspec.Struct, frozen=True, kw_only=True):
     attention_backend: str = "auto"
     enforce_eager: bool = False
     overlap_steps: str = "auto"
+    chat_template: str | None = None
 
     def validate(self) -> None:
         _choice("overlap_steps", self.overlap_steps, ("auto", "on", "off"))
@@ -132,11 +133,13 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     max_request_bytes: int = 1 << 20
     request_timeout: float = 600.0
     metrics_prefix: str = "pdserve"
+    tool_call_parser: str = "hermes"
 
     def validate(self) -> None:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.metrics_prefix):
             raise ConfigError(f"metrics_prefix must be a Prometheus name part ([A-Za-z_][A-Za-z0-9_]*), "
                               f"got {self.metrics_prefix!r}")
+        _choice("tool_call_parser", self.tool_call_parser, ("hermes", "llama3_json"))
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
         if self.max_request_bytes < 1024:
@@ -203,6 +206,8 @@ SETTING_HELP: dict[str, str] = {
     "overlap_steps": "auto (on for CUDA) | on | off: launch step N+1 on the device before step N's "
     "sampled tokens are back on the host (N's samples feed N+1 on the device), hiding the host's "
     "per-step work behind the GPU's",
+    "chat_template": "a Jinja chat template file that replaces the model's own (the tokenizer "
+    "workers render every chat request with it, tools included)",
     "block_size": "tokens per KV-cache block",
     "memory_utilization": "fraction of device memory (CUDA: total; CPU: available RAM) for "
     "weights + KV cache (default 0.9 on CUDA, 0.1 on CPU)",
@@ -230,6 +235,9 @@ SETTING_HELP: dict[str, str] = {
     "request_timeout": "seconds a request may take before the gateway aborts it",
     "metrics_prefix": "prefix of the /metrics names: pdserve (pdserve:num_requests_running...) or "
     "vllm for vLLM's exact names, which vLLM dashboards chart unchanged",
+    "tool_call_parser": "how tool calls are read from the output under tool_choice auto: hermes "
+    "(<tool_call>{json}</tool_call>, the bundled template's format) | llama3_json ({\"name\": ..., "
+    "\"parameters\": ...} objects separated by ;)",
     "stage_id": "this process's id (worker id, tokenizer id...); default: stage name, hostname "
     "and pid (unique across containers, where every pid is 1)",
     "role": "worker role: mixed | prefill | decode",

@@ -359,6 +359,7 @@ class GenerateRequest(_Msg, tag="generate"):
     n: int = 1
     max_tokens_is_default: bool = False  # the client gave none: use what the context leaves
     priority: int = 0
+    tools: list[dict[str, Any]] | None = None  # OpenAI tool objects, rendered by the chat template
 
 
 TokenizerInbound = GenerateRequest

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import msgspec
 
+from protocol.structured_output import KINDS as STRUCTURED_KINDS, StructuredOutput
+
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
 
@@ -44,6 +46,7 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     # prompt-cache hits are not used for such a request, since cached tokens have no logits.
     prompt_logprobs: int | None = None
     echo: bool = False  # /v1/completions: the detokenizer returns the prompt's text too
+    structured: StructuredOutput | None = None  # grammar the output must match (the worker masks)
 
     @property
     def greedy(self) -> bool:
@@ -77,6 +80,14 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise SamplingParamsError("stop", "stop strings must be non-empty strings")
+        if self.structured is not None:
+            if self.structured.kind not in STRUCTURED_KINDS:
+                raise SamplingParamsError("structured", f"unknown kind {self.structured.kind!r}")
+            # The grammar decides when EOS may come: EOS must neither be ignored nor banned.
+            if self.ignore_eos:
+                raise SamplingParamsError("ignore_eos", "cannot be combined with structured output")
+            if self.min_tokens:
+                raise SamplingParamsError("min_tokens", "cannot be combined with structured output")
 
 
 def _check_int(name: str, value: object, lo: int | None = None, hi: int | None = None) -> None:

@@ -11,6 +11,7 @@ from gateway.errors import APIError, error_body
 from gateway.openai_schemas import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     MAX_TOKENS_PLACEHOLDER,
+    chat_tool_plan,
     choice_index,
     parse_chat_request,
     parse_completion_request,
@@ -27,7 +28,8 @@ USER = [{"role": "user", "content": "hi"}]
 def build(endpoint: str, body: bytes | dict[str, Any]) -> list[GenerateRequest]:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     parse = parse_chat_request if endpoint == "chat" else parse_completion_request
-    return to_generate_requests(parse(raw), "req1", 12.5, MODEL)
+    req = parse(raw)
+    return to_generate_requests(req, "req1", 12.5, MODEL, chat_tool_plan(req))
 
 
 def chat(**fields: Any) -> dict[str, Any]:
@@ -86,18 +88,36 @@ BAD: list[tuple[str, str, bytes | dict[str, Any], int, str | None]] = [
     ("n = 0", "chat", chat(n=0), 400, "n"),
     ("n = 17", "comp", comp(n=17), 400, "n"),
     ("best_of above n", "comp", comp(best_of=3), 400, "best_of"),
-    ("tools", "chat", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
-     "tools"),
-    ("tool_choice auto", "chat", chat(tool_choice="auto"), 400, "tool_choice"),
-    ("tool_choice required", "chat", chat(tools=[{"type": "function"}], tool_choice="required"),
-     400, "tool_choice"),
-    ("named tool_choice", "chat", chat(tool_choice={"type": "function", "function": {"name": "f"}}),
-     400, "tool_choice"),
+    ("tool_choice without tools", "chat", chat(tool_choice="auto"), 400, "tool_choice"),
+    ("tool without a function", "chat", chat(tools=[{"type": "function"}], tool_choice="required"),
+     400, "tools[0].function"),
+    ("tool name with spaces", "chat", chat(tools=[{"type": "function", "function": {"name": "a b"}}]),
+     400, "tools[0].function.name"),
+    ("named tool_choice not among the tools", "chat", chat(
+        tools=[{"type": "function", "function": {"name": "f"}}],
+        tool_choice={"type": "function", "function": {"name": "g"}}), 400, "tool_choice"),
+    ("tool_choice of another shape", "chat", chat(
+        tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="sometimes"), 400,
+     "tool_choice"),
+    ("tool parameters not a schema", "chat", chat(tools=[{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "nope"}}}]), 400, "tools[0].function.parameters"),
+    ("required tools and a response_format", "chat", chat(
+        tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required",
+        response_format={"type": "json_object"}), 400, "tool_choice"),
+    ("tool message without tool_call_id", "chat", chat(messages=[
+        *USER, {"role": "tool", "content": "20 C"}]), 400, "messages[1].tool_call_id"),
+    ("user message with tool_calls", "chat", chat(messages=[
+        {"role": "user", "content": "x", "tool_calls": [{"function": {"name": "f"}}]}]), 400,
+     "messages[0].tool_calls"),
     ("functions", "chat", chat(functions=[{"name": "f"}]), 400, "functions"),
     ("function_call", "chat", chat(function_call="auto"), 400, "function_call"),
-    ("json mode", "chat", chat(response_format={"type": "json_object"}), 400, "response_format"),
-    ("json schema", "comp", comp(response_format={"type": "json_schema", "json_schema": {}}), 400,
-     "response_format"),
+    ("json_schema without a schema", "comp", comp(
+        response_format={"type": "json_schema", "json_schema": {}}), 400,
+     "response_format.json_schema"),
+    ("invalid json schema", "chat", chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "nope"}}}), 400, "response_format"),
+    ("unknown response_format", "chat", chat(response_format={"type": "xml"}), 400,
+     "response_format.type"),
     ("logit_bias", "chat", chat(logit_bias={"50256": -100}), 400, "logit_bias"),
     ("chat echo", "chat", chat(echo=True), 400, "echo"),
     ("max_tokens 0 without echo", "comp", comp(max_tokens=0), 400, "max_tokens"),
@@ -107,7 +127,17 @@ BAD: list[tuple[str, str, bytes | dict[str, Any], int, str | None]] = [
     ("prompt_logprobs 21", "comp", comp(prompt_logprobs=21), 400, "prompt_logprobs"),
     ("prompt_logprobs -1", "chat", chat(prompt_logprobs=-1), 400, "prompt_logprobs"),
     ("prompt_logprobs streamed", "comp", comp(prompt_logprobs=0, stream=True), 400, "prompt_logprobs"),
-    ("guided_json", "chat", chat(guided_json={"type": "object"}), 400, "guided_json"),
+    ("bad guided_regex", "chat", chat(guided_regex="(ab"), 400, "guided_regex"),
+    ("guided_json not JSON", "comp", comp(guided_json="{nope"), 400, "guided_json"),
+    ("empty guided_choice", "chat", chat(guided_choice=[]), 400, "guided_choice"),
+    ("bad grammar", "comp", comp(structured_outputs={"grammar": "start: nope"}), 400,
+     "structured_outputs"),
+    ("two structured_outputs kinds", "chat", chat(structured_outputs={"regex": "a", "choice": ["b"]}),
+     400, "structured_outputs"),
+    ("two structured output fields", "chat", chat(structured_outputs={"choice": ["a"]},
+                                                  guided_regex="a"), 400, "guided_regex"),
+    ("structured output with ignore_eos", "chat", chat(guided_regex="a", ignore_eos=True), 400,
+     "ignore_eos"),
     ("17 stop strings", "chat", chat(stop=[f"s{i}" for i in range(17)]), 400, "stop"),
     ("stop a number", "chat", chat(stop=5), 422, "stop"),
     ("negative stop token", "comp", comp(stop_token_ids=[-1]), 400, "stop_token_ids"),

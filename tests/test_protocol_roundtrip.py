@@ -64,6 +64,7 @@ from protocol.messages import (
     WorkerUnknown,
 )
 from protocol.sampling import SamplingParams
+from protocol.structured_output import StructuredOutput
 
 UNION_OF: dict[type, Any] = {
     GenerateRequest: TokenizerInbound,
@@ -99,6 +100,7 @@ PARAMS = SamplingParams(
     presence_penalty=0.5, frequency_penalty=-0.5, seed=1234, min_tokens=3,
     stop_token_ids=[7, 8], ignore_eos=True, logprobs=5, stop=["\n\n", "END"],
     include_stop_str_in_output=True, skip_special_tokens=False, prompt_logprobs=2, echo=True,
+    structured=StructuredOutput("json_schema", '{"type":"object"}'),
 )
 
 
@@ -126,7 +128,8 @@ SAMPLES: list[tuple[str, Any]] = [
         "generate-chat",
         GenerateRequest("g1", PARAMS, 17.5, messages=[{"role": "user", "content": "hi ✓"}], n=3,
                         max_tokens_is_default=True, priority=2, prompt="p",
-                        prompt_token_ids=[1, 2]),
+                        prompt_token_ids=[1, 2],
+                        tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     ),
     ("generate-default", GenerateRequest("g2", SamplingParams(), 1.0)),
     ("detok-new", DetokRequest("g1#0", "g1", 0, [5, 6, 7], 30, PARAMS, prompt_token_ids=[1, 5, 6, 7])),

@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from protocol.sampling import MAX_LOGPROBS, MAX_STOP_STRINGS, SamplingParams, SamplingParamsError
+from protocol.structured_output import StructuredOutput
 
 NAN = float("nan")
 INF = float("inf")
@@ -99,6 +100,7 @@ REJECTED: list[tuple[str, dict[str, Any]]] = [
     ("stop", {"stop": ["x"] * (MAX_STOP_STRINGS + 1)}),
     ("stop", {"stop": [""]}),
     ("stop", {"stop": ["ok", 5]}),
+    ("structured", {"structured": StructuredOutput("xml", "<a/>")}),
 ]
 
 

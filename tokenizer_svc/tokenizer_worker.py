@@ -94,7 +94,7 @@ class PromptPreparer:
     def _prompt_ids(self, req: GenerateRequest) -> list[int]:
         if req.messages is not None:
             try:
-                return self.tokenizer.apply_chat_template(req.messages)
+                return self.tokenizer.apply_chat_template(req.messages, req.tools)
             except ValueError as exc:
                 raise PromptError(str(exc), "messages") from exc
         if req.prompt_token_ids is not None:
@@ -122,7 +122,8 @@ async def serve_tokenizer(model: ModelSettings, stage: StageSettings, endpoints:
                            need_weights=model.load_format != "dummy")
     cfg = ModelConfig.from_dir(hf_dir)
     max_len = min(model.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    preparer = PromptPreparer(Tokenizer.from_dir(hf_dir, name=model.model), max_len, cfg.vocab_size)
+    tokenizer = Tokenizer.from_dir(hf_dir, name=model.model, chat_template=model.chat_template)
+    preparer = PromptPreparer(tokenizer, max_len, cfg.vocab_size)
     ctx = zmq.asyncio.Context()
     pull = PullSocket(ctx, endpoints.tokenizer_in, Codec(TokenizerInbound), bind=False)
     to_scheduler = PushSocket(ctx, endpoints.scheduler_in, Codec(SchedulerInbound), bind=False)

@@ -38,8 +38,14 @@ CONFIGS: dict[str, dict] = {
 }
 
 
-def write_model_dir(name: str, out: Path) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
+BYTE_IDS = 1000
+
+
+def write_model_dir(name: str, out: Path, byte_level: bool = False) -> Path:
+    """`byte_level`: ids BYTE_IDS.. +255 are the 256 bytes (a byte-level BPE without merges, the rest
+    "w{i}" fillers), so any text, JSON included, has tokens: what grammar-constrained decoding
+    needs (tests/benchmarks/bench_structured.py). Otherwise the word-level tokenizer above."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     config = CONFIGS[name]
@@ -47,11 +53,20 @@ def write_model_dir(name: str, out: Path) -> Path:
     (out / "config.json").write_text(json.dumps(config, indent=2))
     eos = config["eos_token_id"]
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": config["bos_token_id"], "eos_token_id": eos}))
-    vocab = {f"w{i}": i for i in range(config["vocab_size"])}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if byte_level:
+        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # at BYTE_IDS: clear of BOS/EOS ids
+        vocab = {f"w{i}": i for i in range(config["vocab_size"]) if not BYTE_IDS <= i < BYTE_IDS + 256}
+        vocab.update({c: BYTE_IDS + i for i, c in enumerate(alphabet)})
+        raw = Tokenizer(models.BPE(vocab, merges=[]))
+        raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        raw.decoder = decoders.ByteLevel()
+    else:
+        vocab = {f"w{i}": i for i in range(config["vocab_size"])}
+        raw = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+        raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     first_eos = eos[0] if isinstance(eos, list) else eos
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=f"w{first_eos}", unk_token="w0")
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=f"w{first_eos}",
+                                  unk_token=None if byte_level else "w0")
     tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     tok.save_pretrained(str(out))
     return out

@@ -1,0 +1,1 @@
+"""Tool calling in the gateway: the request side (tools, tool_choice) and the output parsers."""

@@ -1,0 +1,1 @@
+"""Grammar-constrained decoding in the worker: per-sequence llguidance matchers and token bitmasks."""

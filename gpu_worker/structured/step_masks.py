@@ -1,0 +1,68 @@
+"""The grammar side of one step: masks computed while the model runs, matchers advanced after.
+
+`start` hands the step's sampling rows to a helper thread, which brings each grammar row's
+matcher up to date (creating it on first sight, replaying outputs the sequence already has)
+and fills that row's bitmask; llguidance releases the GIL, so on a GPU this runs while the
+device computes the forward, and on CPU it runs on a spare core beside torch's threads (the
+forward there is synchronous Python, so the overlap is real only where a core is free). The
+runner collects the masks (`MaskJob.result`) just before sampling and `advance`s the matchers
+with the sampled tokens. Steps without grammar rows cost nothing: `start` returns None.
+
+The masks must describe the state after every output already sampled. The runner appends each
+step's tokens before the next step's masks are built; a runner that launches step N+1 before
+N's tokens reach the host must run steps whose batch has grammar rows without that overlap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gpu_worker.structured.grammar_matcher import GrammarCompiler
+from gpu_worker.structured.token_bitmask import full_bitmask
+
+if TYPE_CHECKING:
+    from gpu_worker.seq_state import SeqState
+
+
+class MaskJob:
+    """Masks being computed for one step's sampling rows."""
+
+    def __init__(self, future: Future) -> None:
+        self._future = future
+
+    def result(self) -> np.ndarray:
+        """int32 [rows, words]; unconstrained rows allow everything."""
+        return self._future.result()
+
+
+class StructuredDecoding:
+    def __init__(self, compiler: GrammarCompiler) -> None:
+        self.compiler = compiler
+        self._pool: ThreadPoolExecutor | None = None
+
+    def start(self, states: Sequence[SeqState]) -> MaskJob | None:
+        rows = [(i, s) for i, s in enumerate(states) if s.params.structured is not None]
+        if not rows:
+            return None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+        return MaskJob(self._pool.submit(self._fill, rows, len(states)))
+
+    def _fill(self, rows: list[tuple[int, SeqState]], num_rows: int) -> np.ndarray:
+        bitmask = full_bitmask(num_rows, self.compiler.vocab_size)
+        for i, state in rows:
+            grammar = state.grammar
+            if grammar is None:
+                grammar = state.grammar = self.compiler.seq_grammar(
+                    state.params.structured, state.eos_token_ids)
+            grammar.sync(state.token_ids, state.num_prompt_tokens)
+            grammar.fill(bitmask[i])
+        return bitmask
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
