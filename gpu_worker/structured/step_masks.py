@@ -1,16 +1,17 @@
-"""The grammar side of one step: masks computed while the model runs, matchers advanced after.
+"""The grammar side of one step: masks computed while the model runs.
 
 `start` hands the step's sampling rows to a helper thread, which brings each grammar row's
 matcher up to date (creating it on first sight, replaying outputs the sequence already has)
 and fills that row's bitmask; llguidance releases the GIL, so on a GPU this runs while the
 device computes the forward, and on CPU it runs on a spare core beside torch's threads (the
 forward there is synchronous Python, so the overlap is real only where a core is free). The
-runner collects the masks (`MaskJob.result`) just before sampling and `advance`s the matchers
-with the sampled tokens. Steps without grammar rows cost nothing: `start` returns None.
+runner collects the masks (`MaskJob.result`) just before sampling; the next `start` catches
+each matcher up with the tokens sampled since. Steps without grammar rows cost nothing:
+`start` returns None.
 
-The masks must describe the state after every output already sampled. The runner appends each
-step's tokens before the next step's masks are built; a runner that launches step N+1 before
-N's tokens reach the host must run steps whose batch has grammar rows without that overlap.
+The masks must describe the state after every output already sampled. With overlapped steps
+(gpu_worker.inflight) the runner therefore resolves the step in flight before it launches a
+step with grammar rows, so no placeholder is ever fed to a matcher.
 """
 
 from __future__ import annotations
