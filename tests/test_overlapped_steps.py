@@ -3,12 +3,14 @@
 On CPU a launch completes the step, but with `overlap_steps="on"` the bookkeeping is the CUDA
 one: N's samples enter N+1 as placeholders that the executor fills from N's token tensor. The
 engine with overlap must produce exactly what the plain engine produces, for greedy, seeded
-random, penalised (which forces the history to be resolved first), prompt-logprob and stopped
-requests, with
+random, penalised and grammar-constrained (which force the history to be resolved first),
+prompt-logprob and stopped requests, with
 chunked prefill and a batch that changes every step.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from gpu_worker.inflight import PLACEHOLDER, InFlightStep
 from pdserve.offline_engine import OfflineEngine, make_request
 from protocol.config import CacheSettings, ModelSettings, SchedulerSettings
 from protocol.sampling import SamplingParams
+from protocol.structured_output import StructuredOutput
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +35,8 @@ def _engine(model_dir, overlap: str) -> OfflineEngine:
 def _requests(tok):
     eos = tok.eos_token_ids
     prompts = ["Tell me a story.", "Name three colors.", "Why is the sky blue? Explain it well.",
-               "Count to ten.", "What is 2 + 2?", "Write a haiku about rain.", "Say hello."]
+               "Count to ten.", "What is 2 + 2?", "Write a haiku about rain.", "Say hello.",
+               "A word and a number:"]
     params = [
         SamplingParams(max_tokens=20, temperature=0.0),
         SamplingParams(max_tokens=17, temperature=0.8, top_p=0.9, seed=7),
@@ -41,6 +45,8 @@ def _requests(tok):
         SamplingParams(max_tokens=12, temperature=0.0, min_tokens=4, logprobs=2),
         SamplingParams(max_tokens=25, temperature=0.7, min_p=0.05, seed=11),
         SamplingParams(max_tokens=9, temperature=0.0, prompt_logprobs=2),
+        SamplingParams(max_tokens=14, temperature=0.9, seed=5,
+                       structured=StructuredOutput("regex", "[a-z]+ [0-9]{1,3}!")),
     ]
     return [make_request(f"r{i}", tok.apply_chat_template([{"role": "user", "content": p}]), sp, eos)
             for i, (p, sp) in enumerate(zip(prompts, params))]
@@ -63,6 +69,8 @@ def test_overlapped_engine_equals_plain_engine(smollm2_dir, smollm2_tokenizer):
     # The worker's sequences hold no placeholder once everything is finished and forgotten.
     assert overlapped.runner.seqs.seqs == {}
     assert all(len(c.token_ids) > 0 for c in got)
+    text = smollm2_tokenizer.decode(got[-1].token_ids)
+    assert re.fullmatch("[a-z]+ [0-9]{1,3}!", text), text
 
 
 def test_feed_maps_placeholders_to_the_previous_steps_rows():
