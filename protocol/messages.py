@@ -498,6 +498,8 @@ class SchedulerStats(_Msg, tag="stats"):
     num_preemptions: int = 0  # cumulative
     integrity_checks: int = 0  # cumulative full checks of every worker's KV accounting
     integrity_failures: int = 0  # of those, failed (a bug: the log says what contradicted)
+    max_waiting: int = 0  # the stack-wide waiting bound now (admission at the gateway)
+    batch_capacity: int = 0  # sequences the ready workers can run at once
 
 
 GatewayInbound = TextOutputs | RequestFailed | SchedulerStats | StageHeartbeat

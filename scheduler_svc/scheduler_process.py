@@ -10,6 +10,9 @@ to them: plans, KVPull/KVCancel, Accepted/Refused/Unknown, Shutdown), ROUTER `de
 a request's outputs go to the detokenizer chosen when it was admitted. A worker silent past the
 liveness timeout is declared dead and its requests move to other workers; a message from a
 worker the scheduler does not know is answered with WorkerUnknown, so the worker registers again.
+Every send waits at most SEND_TIMEOUT for a stalled peer (a worker or detokenizer that takes
+nothing is then lost, a stats message to a stalled gateway dropped), so the loops that also
+watch liveness never block. Requests never scheduled within --max-queue-time fail with a 503.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from protocol.messages import (
     WorkerUnknown,
 )
 from protocol.sockets import PullSocket, PushSocket, RouterSocket
+from scheduler_svc.admission import batch_capacity, queued_too_long, waiting_bound
 from scheduler_svc.central import CentralScheduler, NoWorkerReady
 from scheduler_svc.effects import Effects
 from scheduler_svc.worker_scheduler import QueueFull, RequestRejected
@@ -62,6 +66,7 @@ log = logging.getLogger("pdserve.scheduler")
 STATS_INTERVAL = 0.5
 EARLY_ABORT_MEMORY = 60.0  # seconds an abort for a not-yet-arrived request is remembered
 UNKNOWN_REPLY_INTERVAL = 1.0  # at most one WorkerUnknown per second per identity
+SEND_TIMEOUT = 1.0  # seconds a send may wait for room at a stalled peer
 
 
 class SchedulerService:
@@ -139,17 +144,22 @@ class SchedulerService:
             await self._fail(client_id, 400, str(exc), exc.param)
             return
         except QueueFull as exc:
-            await self._fail(client_id, 429, f"server overloaded: {exc}", code="overloaded")
+            await self._fail(client_id, 429, f"server overloaded: {exc}; retry later",
+                             code="rate_limit_exceeded")
             return
         detok = min(live_detoks, key=lambda d: self.detok_load[d])
         self.detok_load[detok] += 1
         rid = msg.request_id
         self.request_detok[rid] = detok
         self.client_id[rid] = client_id
-        await self.detok_sock.send(detok, DetokRequest(
-            rid, client_id, msg.index, msg.prompt_token_ids[-DETOK_PROMPT_TAIL:],
-            len(msg.prompt_token_ids), msg.params,
-        ))
+        try:
+            await self.detok_sock.send_within(detok, DetokRequest(
+                rid, client_id, msg.index, msg.prompt_token_ids[-DETOK_PROMPT_TAIL:],
+                len(msg.prompt_token_ids), msg.params,
+            ), SEND_TIMEOUT)
+        except zmq.ZMQError:
+            await self._detok_lost(detok)  # fails this request too
+            return
         await self._kick(slot, pipeline=False)
 
     async def _abort(self, ids: list[str], reason: FinishReason, error: str = "") -> None:
@@ -163,7 +173,10 @@ class SchedulerService:
 
     async def _fail(self, request_id: str, status: int, message: str, param: str | None = None,
                     code: str | None = None) -> None:
-        await self.gateway.send(RequestFailed(request_id, status, message, param, code))
+        if not await self.gateway.send_within(RequestFailed(request_id, status, message, param, code),
+                                              SEND_TIMEOUT):
+            log.error("the gateway took no message for %.0f s: the failure of %s is lost",
+                      SEND_TIMEOUT, request_id)
 
     # ------------------------------------------------------------------ workers
 
@@ -214,7 +227,7 @@ class SchedulerService:
 
     async def _send(self, slot: WorkerSlot | None, identity: bytes, msg) -> bool:
         try:
-            await self.workers_sock.send(identity, msg)
+            await self.workers_sock.send_within(identity, msg, SEND_TIMEOUT)
             return True
         except zmq.ZMQError as exc:
             if slot is not None:
@@ -259,7 +272,7 @@ class SchedulerService:
                 self._forget(rid)
         for detok, batch in batches.items():
             try:
-                await self.detok_sock.send(detok, EngineOutputs(batch, time.time()))
+                await self.detok_sock.send_within(detok, EngineOutputs(batch, time.time()), SEND_TIMEOUT)
             except zmq.ZMQError:
                 await self._detok_lost(detok)
 
@@ -310,6 +323,8 @@ class SchedulerService:
                     await self._declare_dead(slot, "stopped responding")
             effects = self.central.expire(time.time())
             await self._apply(effects, check=bool(effects.outputs or effects.messages))
+            if self.sched.max_queue_time is not None:
+                await self._expire_queued(self.sched.max_queue_time)
             for rid, when in list(self.early_aborts.items()):
                 if now - when > EARLY_ABORT_MEMORY:
                     del self.early_aborts[rid]
@@ -323,7 +338,23 @@ class SchedulerService:
             if interval > 0 and now - self._last_integrity >= interval:
                 self._last_integrity = now
                 self._check_integrity()
-            await self.gateway.send(self.stats())
+            await self.gateway.send_within(self.stats(), SEND_TIMEOUT)  # the next one follows
+
+    async def _expire_queued(self, limit: float) -> None:
+        """Fail requests that waited longer than --max-queue-time for their first step."""
+        now = time.time()
+        late = queued_too_long(self.central.workers.values(), limit, now)
+        clients: dict[str, str] = {}
+        for req in late:
+            client = self.client_id.get(req.request_id, req.request_id)
+            clients[client] = (f"the request waited {now - req.arrival_time:.1f} s in the queue, "
+                               f"longer than --max-queue-time {limit:g} s; retry later")
+        for client, message in clients.items():  # first, so the client sees this status
+            await self._fail(client, 503, message, code="queue_timeout")
+        if late:
+            log.warning("%d request(s) waited longer than --max-queue-time %g s", len(late), limit)
+            await self._abort([r.request_id for r in late], FinishReason.ERROR,
+                              "waited longer than --max-queue-time")
 
     def stats(self) -> SchedulerStats:
         c = self.central
@@ -350,4 +381,6 @@ class SchedulerService:
             num_preemptions=c.total("num_preemptions"),
             integrity_checks=c.integrity_checks,
             integrity_failures=self.integrity_failures,
+            max_waiting=waiting_bound(self.sched, slots),
+            batch_capacity=batch_capacity(self.sched, slots),
         )
