@@ -64,10 +64,17 @@ class GatewayApp:
     # ------------------------------------------------------------------ plain routes
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        """200 while the gateway is alive; says which stages are missing (degraded) if any."""
+        la = self.launch
+        stages = self.client.stage_counts(la.tokenizers, la.detokenizers,
+                                          la.num_mixed_workers + la.prefill_workers + la.decode_workers)
+        missing = [f"{name}: {c['live']} of {c['expected']} live" for name, c in stages.items()
+                   if c["live"] < c["expected"]]
+        return JSONResponse({"status": "degraded" if missing else "ok", "missing": missing,
+                             "stages": stages})
 
     async def ready(self, request: Request) -> Response:
-        ok, reason = self.client.readiness(self.launch.tokenizers, self.launch.detokenizers)
+        ok, reason = self.client.readiness()
         return JSONResponse({"status": "ready" if ok else "not ready", "reason": reason},
                             status_code=200 if ok else 503)
 
@@ -115,7 +122,7 @@ class GatewayApp:
         body = await self._read_body(request)
         parsed = parse_chat_request(body) if chat else parse_completion_request(body)
         gen_requests = to_generate_requests(parsed, request_id, time.time(), self.served_model)
-        ok, reason = self.client.readiness(self.launch.tokenizers, self.launch.detokenizers)
+        ok, reason = self.client.readiness()
         if not ok:
             raise APIError(503, f"pdserve is not ready: {reason}")
         self._admit(sum(g.n for g in gen_requests))

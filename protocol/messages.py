@@ -8,6 +8,7 @@ are IntEnum; each socket has one tagged union and one decoder (`protocol.codec`)
 
 Sockets and their unions:
   gateway -> tokenizer                     : TokenizerInbound    (GenerateRequest)
+  tokenizer -> gateway (same socket)       : TokenizerOutbound   (StageHeartbeat)
   gateway/tokenizer -> scheduler           : SchedulerInbound    (AddRequest | AbortRequests)
   scheduler -> detokenizer                 : DetokenizerInbound  (DetokRequest | EngineOutputs)
   detokenizer -> scheduler                 : DetokenizerOutbound (StageHeartbeat | AbortRequests)
@@ -375,7 +376,8 @@ DetokenizerInbound = DetokRequest | EngineOutputs
 
 
 class StageHeartbeat(_Msg, tag="stage"):
-    """A tokenizer or detokenizer is alive (to the gateway; detokenizers also to the scheduler)."""
+    """A tokenizer or detokenizer is alive (to the gateway; detokenizers also to the scheduler).
+    A new pid under a known stage id means the stage restarted: what it held is lost."""
 
     stage: str  # "tokenizer" | "detokenizer"
     stage_id: str
@@ -385,6 +387,7 @@ class StageHeartbeat(_Msg, tag="stage"):
 
 
 DetokenizerOutbound = StageHeartbeat | AbortRequests
+TokenizerOutbound = StageHeartbeat  # a tokenizer's heartbeats teach the gateway its address
 
 
 # ---------------------------------------------------------------- to the gateway

@@ -91,6 +91,13 @@ class SchedulerService:
         self.request_detok: dict[str, bytes] = {}
         self.client_id: dict[str, str] = {}
         self.early_aborts: dict[str, float] = {}  # aborted before their AddRequest arrived
+        # Ended or refused requests: a second AddRequest for one (the gateway sent a request
+        # again because its tokenizer died after passing it on) is ignored.
+        self.ended: dict[str, float] = {}
+        self.detok_pid: dict[bytes, int] = {}  # a new pid under a known identity: it restarted
+        # Requests whose last output went to a detokenizer lately: if it dies before passing the
+        # text on, their clients are told (detok -> {request id: (client id, when)}).
+        self.delivering: dict[bytes, dict[str, tuple[str, float]]] = {}
         self.unknown_replied: dict[bytes, float] = {}
         self.integrity_failures = 0
         self._last_integrity = time.monotonic()
@@ -130,6 +137,9 @@ class SchedulerService:
     async def _add(self, msg: AddRequest) -> None:
         if self.early_aborts.pop(msg.request_id, None) is not None:
             return  # the client left while its request was being tokenized
+        if msg.request_id in self.central.requests or msg.request_id in self.ended:
+            return  # sent again by the gateway after a tokenizer died: it is here already
+        self.ended[msg.request_id] = time.monotonic()  # until it is admitted (refusals stay)
         client_id = msg.parent_id or msg.request_id
         live_detoks = [d for d in self.detoks if d in self.detok_load]
         if not live_detoks:
@@ -150,6 +160,7 @@ class SchedulerService:
         detok = min(live_detoks, key=lambda d: self.detok_load[d])
         self.detok_load[detok] += 1
         rid = msg.request_id
+        self.ended.pop(rid, None)
         self.request_detok[rid] = detok
         self.client_id[rid] = client_id
         try:
@@ -277,10 +288,14 @@ class SchedulerService:
                 await self._detok_lost(detok)
 
     def _forget(self, rid: str) -> None:
-        self.client_id.pop(rid, None)
+        now = time.monotonic()
+        self.ended[rid] = now
+        client = self.client_id.pop(rid, rid)
         detok = self.request_detok.pop(rid, None)
         if detok in self.detok_load:
             self.detok_load[detok] -= 1
+        if detok is not None:
+            self.delivering.setdefault(detok, {})[rid] = (client, now)
 
     def _check_integrity(self) -> None:
         """Full accounting check after a failure event (and periodically under a flag): a
@@ -296,6 +311,10 @@ class SchedulerService:
     async def _on_detok(self, item) -> None:
         identity, msg = item
         if isinstance(msg, StageHeartbeat):
+            if self.detok_pid.get(identity, msg.pid) != msg.pid:
+                log.warning("detokenizer %s restarted: failing the requests it held", msg.stage_id)
+                await self._detok_lost(identity)
+            self.detok_pid[identity] = msg.pid
             self.detoks[identity] = time.monotonic()
             self.detok_load.setdefault(identity, 0)
         elif isinstance(msg, AbortRequests):
@@ -306,6 +325,9 @@ class SchedulerService:
         self.detok_load.pop(detok, None)
         lost = [rid for rid, d in self.request_detok.items() if d == detok]
         clients = {self.client_id.get(rid, rid) for rid in lost}
+        # Finished here, but their last text may have died with it (the gateway ignores this
+        # for a request whose text did arrive).
+        clients |= {client for client, _ in self.delivering.pop(detok, {}).values()}
         for rid in lost:
             self.request_detok.pop(rid, None)
         await self._abort(lost, FinishReason.ERROR)
@@ -325,9 +347,14 @@ class SchedulerService:
             await self._apply(effects, check=bool(effects.outputs or effects.messages))
             if self.sched.max_queue_time is not None:
                 await self._expire_queued(self.sched.max_queue_time)
-            for rid, when in list(self.early_aborts.items()):
-                if now - when > EARLY_ABORT_MEMORY:
-                    del self.early_aborts[rid]
+            for memory in (self.early_aborts, self.ended):
+                for rid, when in list(memory.items()):
+                    if now - when > EARLY_ABORT_MEMORY:
+                        del memory[rid]
+            for sent in self.delivering.values():  # a detokenizer passes text on in well under this
+                for rid, (_, when) in list(sent.items()):
+                    if now - when > 2 * self.stage.liveness_timeout:
+                        del sent[rid]
             for identity, when in list(self.unknown_replied.items()):
                 if now - when > 60.0:
                     del self.unknown_replied[identity]
