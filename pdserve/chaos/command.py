@@ -48,6 +48,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _liveness(up_args: str) -> float:
+    words = shlex.split(up_args)
+    return float(words[words.index("--liveness-timeout") + 1]) if "--liveness-timeout" in words else 10.0
+
+
 def run(args: argparse.Namespace) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="pdserve-chaos-"))
     cmd = [sys.executable, "-m", "pdserve.cli", "up", "--port", str(args.port), "--run-dir",
@@ -70,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         started = time.time()
         chaos = ChaosRun(url, lambda: stack_pids(run_dir / "run"), seed=args.seed,
                          concurrency=args.concurrency, pause_seconds=args.pause_seconds,
-                         deadline=args.deadline, stages=tuple(args.stages.split(",")),
+                         deadline=args.deadline, liveness_timeout=_liveness(args.up_args),
+                         stages=tuple(args.stages.split(",")),
                          actions=tuple(args.actions.split(",")))
         report = chaos.run(args.events)
         summary = report.summary()

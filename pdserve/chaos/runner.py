@@ -38,7 +38,7 @@ class EventRecord:
     errored: int = 0  # of those, ended with an error
     last_end_s: float = 0.0  # fault -> the last of them ended
     serving_s: float | None = None  # fault -> the first request started after it finished
-    whole_s: float | None = None  # fault -> /health "ok" again
+    whole_s: float | None = None  # fault -> /health "ok" again (a killed stage: replaced and registered)
     violations: list[str] = field(default_factory=list)
 
 
@@ -76,12 +76,13 @@ class ChaosReport:
 class ChaosRun:
     def __init__(self, url: str, pids: Callable[[], list[int]], *, seed: int = 0, concurrency: int = 4,
                  pause_seconds: float = 5.0, deadline: float = 15.0, recovery_timeout: float = 120.0,
+                 liveness_timeout: float = 3.0,
                  stages: tuple[str, ...] = STAGES, actions: tuple[str, ...] = ACTIONS,
                  log: Callable[[str], None] = print) -> None:
         self.url, self.pids = url, pids
         self.rng = random.Random(seed)
         self.concurrency, self.pause_seconds, self.deadline = concurrency, pause_seconds, deadline
-        self.recovery_timeout = recovery_timeout
+        self.recovery_timeout, self.liveness_timeout = recovery_timeout, liveness_timeout
         self.stages, self.actions, self.log = stages, actions, log
 
     def health(self) -> dict:
@@ -126,7 +127,16 @@ class ChaosRun:
         rec.last_end_s = round(max(ends, default=0.0), 2)
         if rec.last_end_s > self.deadline:
             rec.violations.append(f"a request in flight ended {rec.last_end_s} s after the fault")
-        if wait_for(lambda: self.health().get("status") == "ok", self.recovery_timeout, interval=0.1):
+        def whole() -> bool:
+            if action == "kill":  # its stale heartbeats and registration must have expired first,
+                # and a respawned process taken its place
+                if time.monotonic() - moment <= self.liveness_timeout:
+                    return False
+                if len(stage_pids(self.pids(), stage)) < len(candidates):
+                    return False
+            return self.health().get("status") == "ok"
+
+        if wait_for(whole, self.recovery_timeout, interval=0.1):
             rec.whole_s = round(time.monotonic() - moment, 2)
         else:
             rec.violations.append(f"not whole again after {self.recovery_timeout:.0f} s: {self.health()}")

@@ -5,7 +5,8 @@
 
 Capacity is the stack's batch capacity (sequences it runs at once: min(--max-num-seqs, KV
 blocks) per worker, from /workers); `multiple` x capacity clients each stream one request after
-another for `seconds`, honouring no Retry-After (the pressure stays on). Reported: how requests
+another for `seconds`, waiting what a 429's retry-after-ms says (at most 2 s) as the openai SDK
+does, or not at all with --ignore-retry-after (a flood of refusals). Reported: how requests
 ended, the 429s' latency p50/p99 (request sent to refusal received), every process's peak RSS,
 the seconds until no request runs or waits and no KV block is held once the load stops, and a
 probe request afterwards.
@@ -33,6 +34,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=8)
+    p.add_argument("--ignore-retry-after", action="store_true")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("flags", nargs="*", help="extra pdserve up flags (after --)")
     args = p.parse_args()
@@ -44,7 +46,8 @@ def main() -> None:
         print(f"capacity {capacity} sequences; {clients} clients for {args.seconds:.0f} s", flush=True)
         with RssSampler(stack) as rss:
             started = time.monotonic()
-            load = asyncio.run(run_load(stack.url, clients, args.seconds, args.max_tokens, honour_retry=False))
+            load = asyncio.run(run_load(stack.url, clients, args.seconds, args.max_tokens,
+                                      honour_retry=not args.ignore_retry_after))
             load_seconds = time.monotonic() - started
             recovery = settled(stack.url, 120)
             status, probe_seconds = probe(stack.url)
