@@ -58,6 +58,7 @@ from protocol.messages import (
 from protocol.sockets import PullSocket, PushSocket, RouterSocket
 from scheduler_svc.admission import batch_capacity, queued_too_long, waiting_bound
 from scheduler_svc.central import CentralScheduler, NoWorkerReady
+from scheduler_svc.detok_table import DetokTable
 from scheduler_svc.effects import Effects
 from scheduler_svc.worker_scheduler import QueueFull, RequestRejected
 from scheduler_svc.worker_slot import DEAD, READY, WorkerSlot
@@ -86,18 +87,11 @@ class SchedulerService:
             Codec(DetokenizerInbound), bind=True,
         )
         self.gateway = PushSocket(self.ctx, endpoints.gateway_in, Codec(GatewayInbound), bind=False)
-        self.detoks: dict[bytes, float] = {}  # identity -> last heartbeat
-        self.detok_load: dict[bytes, int] = {}
-        self.request_detok: dict[str, bytes] = {}
-        self.client_id: dict[str, str] = {}
+        self.detoks = DetokTable(keep_delivered=2 * stage.liveness_timeout)
         self.early_aborts: dict[str, float] = {}  # aborted before their AddRequest arrived
         # Ended or refused requests: a second AddRequest for one (the gateway sent a request
         # again because its tokenizer died after passing it on) is ignored.
         self.ended: dict[str, float] = {}
-        self.detok_pid: dict[bytes, int] = {}  # a new pid under a known identity: it restarted
-        # Requests whose last output went to a detokenizer lately: if it dies before passing the
-        # text on, their clients are told (detok -> {request id: (client id, when)}).
-        self.delivering: dict[bytes, dict[str, tuple[str, float]]] = {}
         self.unknown_replied: dict[bytes, float] = {}
         self.integrity_failures = 0
         self._last_integrity = time.monotonic()
@@ -141,8 +135,8 @@ class SchedulerService:
             return  # sent again by the gateway after a tokenizer died: it is here already
         self.ended[msg.request_id] = time.monotonic()  # until it is admitted (refusals stay)
         client_id = msg.parent_id or msg.request_id
-        live_detoks = [d for d in self.detoks if d in self.detok_load]
-        if not live_detoks:
+        detok = self.detoks.pick()
+        if detok is None:
             await self._fail(client_id, 503, "no detokenizer is ready; try again shortly")
             return
         try:
@@ -157,12 +151,9 @@ class SchedulerService:
             await self._fail(client_id, 429, f"server overloaded: {exc}; retry later",
                              code="rate_limit_exceeded")
             return
-        detok = min(live_detoks, key=lambda d: self.detok_load[d])
-        self.detok_load[detok] += 1
         rid = msg.request_id
         self.ended.pop(rid, None)
-        self.request_detok[rid] = detok
-        self.client_id[rid] = client_id
+        self.detoks.assign(rid, client_id, detok)
         try:
             await self.detok_sock.send_within(detok, DetokRequest(
                 rid, client_id, msg.index, msg.prompt_token_ids[-DETOK_PROMPT_TAIL:],
@@ -276,7 +267,7 @@ class SchedulerService:
         batches: dict[bytes, list[RequestOutput]] = {}
         for out in outs:
             rid = out.request_id
-            detok = self.request_detok.get(rid)
+            detok = self.detoks.of(rid)
             if detok is not None:
                 batches.setdefault(detok, []).append(out)
             if out.finish_reason is not None:
@@ -290,12 +281,7 @@ class SchedulerService:
     def _forget(self, rid: str) -> None:
         now = time.monotonic()
         self.ended[rid] = now
-        client = self.client_id.pop(rid, rid)
-        detok = self.request_detok.pop(rid, None)
-        if detok in self.detok_load:
-            self.detok_load[detok] -= 1
-        if detok is not None:
-            self.delivering.setdefault(detok, {})[rid] = (client, now)
+        self.detoks.finish(rid, now)
 
     def _check_integrity(self) -> None:
         """Full accounting check after a failure event (and periodically under a flag): a
@@ -311,25 +297,17 @@ class SchedulerService:
     async def _on_detok(self, item) -> None:
         identity, msg = item
         if isinstance(msg, StageHeartbeat):
-            if self.detok_pid.get(identity, msg.pid) != msg.pid:
+            if self.detoks.heartbeat(identity, msg.pid, time.monotonic()):
                 log.warning("detokenizer %s restarted: failing the requests it held", msg.stage_id)
                 await self._detok_lost(identity)
-            self.detok_pid[identity] = msg.pid
-            self.detoks[identity] = time.monotonic()
-            self.detok_load.setdefault(identity, 0)
+                self.detoks.heartbeat(identity, msg.pid, time.monotonic())
         elif isinstance(msg, AbortRequests):
             await self._abort(msg.request_ids, msg.reason)
 
     async def _detok_lost(self, detok: bytes) -> None:
-        self.detoks.pop(detok, None)
-        self.detok_load.pop(detok, None)
-        lost = [rid for rid, d in self.request_detok.items() if d == detok]
-        clients = {self.client_id.get(rid, rid) for rid in lost}
-        # Finished here, but their last text may have died with it (the gateway ignores this
-        # for a request whose text did arrive).
-        clients |= {client for client, _ in self.delivering.pop(detok, {}).values()}
-        for rid in lost:
-            self.request_detok.pop(rid, None)
+        # Its live requests, and those whose last text it had just been sent (the gateway ignores
+        # the failure of a request whose text did arrive).
+        lost, clients = self.detoks.lose(detok)
         await self._abort(lost, FinishReason.ERROR)
         for client in clients:
             await self._fail(client, 503, "the detokenizer serving this request died")
@@ -351,16 +329,12 @@ class SchedulerService:
                 for rid, when in list(memory.items()):
                     if now - when > EARLY_ABORT_MEMORY:
                         del memory[rid]
-            for sent in self.delivering.values():  # a detokenizer passes text on in well under this
-                for rid, (_, when) in list(sent.items()):
-                    if now - when > 2 * self.stage.liveness_timeout:
-                        del sent[rid]
+            self.detoks.prune(now)
             for identity, when in list(self.unknown_replied.items()):
                 if now - when > 60.0:
                     del self.unknown_replied[identity]
-            for detok, seen in list(self.detoks.items()):
-                if now - seen > self.stage.liveness_timeout:
-                    await self._detok_lost(detok)
+            for detok in self.detoks.silent(now, self.stage.liveness_timeout):
+                await self._detok_lost(detok)
             interval = self.sched.check_integrity_interval
             if interval > 0 and now - self._last_integrity >= interval:
                 self._last_integrity = now
@@ -373,7 +347,7 @@ class SchedulerService:
         late = queued_too_long(self.central.workers.values(), limit, now)
         clients: dict[str, str] = {}
         for req in late:
-            client = self.client_id.get(req.request_id, req.request_id)
+            client = self.detoks.client(req.request_id)
             clients[client] = (f"the request waited {now - req.arrival_time:.1f} s in the queue, "
                                f"longer than --max-queue-time {limit:g} s; retry later")
         for client, message in clients.items():  # first, so the client sees this status

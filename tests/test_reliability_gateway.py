@@ -86,7 +86,7 @@ def test_a_stalled_scheduler_ends_open_requests_with_errors_and_recovers(one_slo
 
 def test_a_dead_scheduler_ends_every_open_request_in_words(smollm2_dir, tmp_path):
     srv = start_server(smollm2_dir, tmp_path, "--max-num-seqs", "1", "--max-num-batched-tokens", "64",
-                       *LIVENESS)
+                       "--max-waiting-requests", "4", *LIVENESS)  # two wait behind the running one
     try:
         streamed, thread = start_stream(srv.url, LONG_CHAT)
         queued, queued_thread = start_stream(srv.url, LONG_CHAT)  # waits behind the first
