@@ -32,7 +32,7 @@ def test_a_client_leaving_while_queued_frees_its_waiting_slot_at_once(one_slot):
     url = one_slot.url
     leave_running = threading.Event()
     running, running_thread = start_stream(url, LONG_CHAT, stop=leave_running)
-    assert wait_for(lambda: len(running.tokens) > 2, 60), running
+    assert wait_for(lambda: len(running.tokens) > 2, 180), running
     for stream in (True, False):  # each waits behind the running one, then its client gives up
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/v1/chat/completions", json={**LONG_CHAT, "stream": stream},
@@ -51,7 +51,7 @@ def test_a_client_leaving_while_queued_frees_its_waiting_slot_at_once(one_slot):
 def test_a_stalled_scheduler_ends_open_requests_with_errors_and_recovers(one_slot):
     url = one_slot.url
     streamed, thread = start_stream(url, LONG_CHAT)
-    assert wait_for(lambda: len(streamed.tokens) > 2, 60), streamed
+    assert wait_for(lambda: len(streamed.tokens) > 2, 180), streamed
     plain: dict = {}
 
     def non_stream():
@@ -98,7 +98,7 @@ def test_a_dead_scheduler_ends_every_open_request_in_words(smollm2_dir, tmp_path
 
         waiter = threading.Thread(target=non_stream)
         waiter.start()
-        assert wait_for(lambda: len(streamed.tokens) > 2, 60), streamed
+        assert wait_for(lambda: len(streamed.tokens) > 2, 180), streamed
         scheduler = stage_pids(srv.child_pids(), "scheduler")
         killed = time.monotonic()
         os.kill(scheduler[0], signal.SIGKILL)
