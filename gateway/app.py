@@ -2,13 +2,15 @@
 
 Generation requests become GenerateRequests for the tokenizers; their TextDeltas come back
 through the EngineClient and leave as one JSON body or as SSE chunks. A client that goes away
-(streaming or not) has its request aborted at once, so its KV blocks return to the pool.
+(streaming or not, still queued or already generating) has its request aborted at once, so its
+waiting slot and its KV blocks return to the pool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import time
 import uuid
 from typing import Any
@@ -19,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from gateway.admission import DoorAdmission, retry_headers
 from gateway.engine_client import EngineClient
 from gateway.errors import APIError, error_body
 from gateway.generation import Generation, wait_for_disconnect
@@ -27,6 +30,9 @@ from gateway.openai_schemas import (
     chat_tool_plan, parse_chat_request, parse_completion_request, to_generate_requests,
 )
 from protocol.config import GatewaySettings, LaunchSettings
+
+log = logging.getLogger("pdserve.gateway")
+CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it, the logs do
 
 
 class GatewayApp:
@@ -39,6 +45,8 @@ class GatewayApp:
         self.model_root = model_root
         self.metrics = GatewayMetrics(served_model, gw.metrics_prefix)
         client.on_stats = self.metrics.observe_stats
+        self.admission = DoorAdmission()
+        client.on_finish = lambda: self.admission.note_finished(time.monotonic())
         self.created = int(time.time())
         self._background: set[asyncio.Task] = set()
 
@@ -59,10 +67,17 @@ class GatewayApp:
     # ------------------------------------------------------------------ plain routes
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        """200 while the gateway is alive; says which stages are missing (degraded) if any."""
+        la = self.launch
+        stages = self.client.stage_counts(la.tokenizers, la.detokenizers,
+                                          la.num_mixed_workers + la.prefill_workers + la.decode_workers)
+        missing = [f"{name}: {c['live']} of {c['expected']} live" for name, c in stages.items()
+                   if c["live"] < c["expected"]]
+        return JSONResponse({"status": "degraded" if missing else "ok", "missing": missing,
+                             "stages": stages})
 
     async def ready(self, request: Request) -> Response:
-        ok, reason = self.client.readiness(self.launch.tokenizers, self.launch.detokenizers)
+        ok, reason = self.client.readiness()
         return JSONResponse({"status": "ready" if ok else "not ready", "reason": reason},
                             status_code=200 if ok else 503)
 
@@ -123,36 +138,41 @@ class GatewayApp:
         parsed = parse_chat_request(body) if chat else parse_completion_request(body)
         tools = chat_tool_plan(parsed)
         gen_requests = to_generate_requests(parsed, request_id, time.time(), self.served_model, tools)
-        ok, reason = self.client.readiness(self.launch.tokenizers, self.launch.detokenizers)
+        ok, reason = self.client.readiness()
         if not ok:
             raise APIError(503, f"pdserve is not ready: {reason}")
+        self._admit(sum(g.n for g in gen_requests))
         streams = [await self.client.submit(g) for g in gen_requests]
         gen = Generation(self.client, self.metrics, streams, parsed, chat, request_id,
                          self.served_model, self.gw.request_timeout, tools, self.gw.tool_call_parser,
                          prompts=[g.prompt for g in gen_requests])
         headers = {"x-request-id": client_id}
-        try:
-            failure = await gen.first_failure()
-        except BaseException:
-            self._spawn(gen.close())
-            raise
-        if failure is not None:
-            self._spawn(gen.close())
-            raise failure
-        if parsed.stream:
-            return StreamingResponse(self._guarded(gen), media_type="text/event-stream",
-                                     headers={**headers, "cache-control": "no-cache"})
+        # From here on a client that leaves aborts the request, even while it is still queued.
         disconnect = asyncio.create_task(wait_for_disconnect(request))
-        result = asyncio.create_task(gen.complete())
+        streaming = False
         try:
+            first = asyncio.create_task(gen.first_failure())
+            done, _ = await asyncio.wait({disconnect, first}, return_when=asyncio.FIRST_COMPLETED)
+            if first not in done:
+                first.cancel()
+                return Response(status_code=CLIENT_CLOSED)
+            failure = first.result()
+            if failure is not None:
+                raise failure
+            if parsed.stream:  # the response watches for the disconnect from here on
+                streaming = True
+                return StreamingResponse(self._guarded(gen), media_type="text/event-stream",
+                                         headers={**headers, "cache-control": "no-cache"})
+            result = asyncio.create_task(gen.complete())
             done, _ = await asyncio.wait({disconnect, result}, return_when=asyncio.FIRST_COMPLETED)
             if result not in done:  # the client went away: abort, free its blocks
                 result.cancel()
-                return Response(status_code=499)
+                return Response(status_code=CLIENT_CLOSED)
             return JSONResponse(result.result(), headers=headers)
         finally:
             disconnect.cancel()
-            self._spawn(gen.close())
+            if not streaming:
+                self._spawn(gen.close())
 
     async def _guarded(self, gen: Generation):
         try:
@@ -164,9 +184,25 @@ class GatewayApp:
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # retrieved: logged once, here
+            log.warning("background task failed: %r", task.exception())
 
     # ------------------------------------------------------------------ checks
+
+    def _admit(self, choices: int) -> None:
+        """429 at the door when the stack's waiting bound would be passed (gateway/admission.py)."""
+        stats = self.client.stats
+        if stats is None:
+            return
+        pending, started = self.client.choice_counts()
+        refusal = self.admission.check(pending, started, choices, stats.max_waiting,
+                                       stats.batch_capacity, time.monotonic())
+        if refusal is not None:
+            raise APIError(429, refusal.message, retry_after=refusal.retry_after)
 
     def _authorize(self, request: Request) -> None:
         key = self.gw.api_key
@@ -192,7 +228,11 @@ class GatewayApp:
 
     async def _api_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, APIError)
-        headers = {"retry-after": "1"} if exc.status == 429 else None
+        headers = None
+        if exc.status == 429:  # the scheduler's own refusals come without an estimate
+            seconds = exc.retry_after if exc.retry_after is not None else \
+                self.admission.retry_after(1, time.monotonic())
+            headers = retry_headers(seconds)
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     async def _http_error(self, request: Request, exc: Exception) -> Response:

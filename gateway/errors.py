@@ -70,6 +70,7 @@ class APIError(Exception):
         type: str | None = None,
         param: str | None = None,
         code: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -77,6 +78,7 @@ class APIError(Exception):
         self.type = type if type is not None else error_type(status)
         self.param = param
         self.code = code if code is not None else _DEFAULT_CODE.get(status)
+        self.retry_after = retry_after  # seconds, for a 429's Retry-After headers
 
     def body(self) -> dict[str, Any]:
         return error_body(self.status, self.message, self.type, self.param, self.code)

@@ -177,6 +177,9 @@ def to_generate_requests(
         raise APIError(404, f"The model `{req.model}` does not exist.", param="model",
                        code="model_not_found")
     _reject_unsupported(req)
+    if req.stream_options is not None and not req.stream:  # as OpenAI and vLLM answer
+        raise APIError(400, "stream_options can only be given when stream is true",
+                       param="stream_options")
     n = 1 if req.n is None else req.n
     if not 1 <= n <= MAX_N:
         raise APIError(400, f"n must be in [1, {MAX_N}], got {n}", param="n")

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pdserve.sweep import command as sweep_command
 
     sweep_command.add_parser(sub)
+    from pdserve.chaos import command as chaos_command
+
+    chaos_command.add_parser(sub)
     return parser
 
 

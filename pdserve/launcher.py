@@ -3,18 +3,20 @@
 Children are `pdserve <stage>` processes sharing one run directory (their ipc sockets) and the
 launcher's settings through PDSERVE_* variables. They run in their own session, so a terminal's
 Ctrl-C reaches only the launcher, which then stops them in order; on Linux each child also gets
-SIGTERM if the launcher itself dies (no orphans). If the gateway, the scheduler, a tokenizer or a
-detokenizer exits while serving, the launcher reports which one and how, and shuts the rest down
-(exit status 1): a half-running pipeline would only fail requests in confusing ways. A model
-worker that exits is only reported while other workers remain (the scheduler moves its requests),
-and respawned with --restart-workers. Workers are stopped with SIGINT (at once); SIGTERM to one
-worker by hand drains it instead.
+SIGTERM if the launcher itself dies (no orphans). A tokenizer or detokenizer that exits is
+respawned at once (they are stateless: the gateway sends a dead tokenizer's requests to another,
+the scheduler fails a dead detokenizer's with an error), unless it keeps dying (RESPAWN_LIMIT in
+RESPAWN_WINDOW seconds). A model worker that exits is only reported while other workers remain
+(the scheduler moves its requests), and respawned with --restart-workers. The scheduler and the
+gateway are fatal: if one exits, the launcher reports it and shuts the rest down (exit status 1).
+Workers are stopped with SIGINT (at once); SIGTERM to one worker by hand drains it instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -45,6 +47,8 @@ from protocol.config import (
 GROUPS = (ModelSettings, CacheSettings, SchedulerSettings, GatewaySettings, LaunchSettings,
           StageSettings, EndpointSettings)
 STOP_GRACE_SECONDS = 10.0
+RESPAWN_LIMIT, RESPAWN_WINDOW = 5, 60.0  # more exits than this in the window: give up
+RESPAWNED_STAGES = ("tokenizer", "detokenizer")
 
 
 @dataclass
@@ -55,8 +59,12 @@ class Child:
     env: dict[str, str]
 
     @property
+    def stage(self) -> str:
+        return self.cmd[-1]
+
+    @property
     def is_worker(self) -> bool:
-        return self.cmd[-1] == "worker"
+        return self.stage == "worker"
 
 
 def worker_plan(launch: LaunchSettings) -> list[tuple[str, str]]:
@@ -119,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     plan += [("gateway", "gateway", {})]
     children: list[Child] = []
     stopping = False
+    exits: dict[str, list[float]] = {}  # name -> when it exited, within RESPAWN_WINDOW
 
     def on_signal(signum, frame):  # noqa: ARG001
         nonlocal stopping
@@ -141,6 +150,22 @@ def run(args: argparse.Namespace) -> int:
               "SIGTERM to a worker drains it", flush=True)
         while not stopping:
             dead = _first_exited(children)
+            if dead is not None and dead.stage in RESPAWNED_STAGES:
+                code = dead.proc.returncode
+                now = time.monotonic()
+                recent = [t for t in exits.get(dead.name, []) if now - t < RESPAWN_WINDOW] + [now]
+                exits[dead.name] = recent
+                if len(recent) > RESPAWN_LIMIT:
+                    print(f"pdserve up: {dead.name} (pid {dead.proc.pid}) exited {len(recent)} times "
+                          f"in {RESPAWN_WINDOW:.0f} s (last status {code}); shutting down",
+                          file=sys.stderr, flush=True)
+                    status = 1
+                    break
+                print(f"pdserve up: {dead.name} exited with status {code}; restarting it",
+                      file=sys.stderr, flush=True)
+                children.remove(dead)
+                children.append(_spawn(dead.name, dead.cmd, dead.env))
+                continue
             if dead is not None:
                 code = dead.proc.returncode
                 live_workers = [c for c in children if c.is_worker and c.proc.poll() is None]
@@ -190,8 +215,9 @@ def _wait_ready(url: str, children: list[Child], timeout: float, stopping) -> bo
             return False
         try:
             with urllib.request.urlopen(f"{url}/ready", timeout=2) as resp:
-                if resp.status == 200:
+                if resp.status == 200 and _pipeline_complete(url):
                     return True
+                reason = "waiting for every tokenizer and detokenizer"
         except urllib.error.HTTPError as exc:
             reason = exc.read().decode(errors="replace")[:200]
         except (urllib.error.URLError, OSError):
@@ -201,6 +227,14 @@ def _wait_ready(url: str, children: list[Child], timeout: float, stopping) -> bo
         print(f"pdserve up: not ready after {timeout:.0f} s ({reason}); shutting down",
               file=sys.stderr, flush=True)
     return False
+
+
+def _pipeline_complete(url: str) -> bool:
+    """At start-up: every tokenizer and detokenizer launched is live (/health); later the stack
+    serves with fewer (degraded), but it starts whole."""
+    with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+        stages = json.loads(resp.read())["stages"]
+    return all(stages[k]["live"] >= stages[k]["expected"] for k in ("tokenizers", "detokenizers"))
 
 
 def _first_exited(children: list[Child]) -> Child | None:

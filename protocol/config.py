@@ -65,7 +65,8 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 1024
     scheduling_policy: str = "fcfs"
-    max_waiting_requests: int = 4096
+    max_waiting_requests: int | None = None
+    max_queue_time: float | None = None
     max_inflight_steps: int = 2
     max_local_prefill_tokens: int = 64
     kv_transfer_timeout: float = 30.0
@@ -87,6 +88,10 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True):
         for name in ("kv_transfer_timeout", "drain_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_waiting_requests is not None and self.max_waiting_requests < 1:
+            raise ConfigError(f"max_waiting_requests must be >= 1, got {self.max_waiting_requests}")
+        if self.max_queue_time is not None and self.max_queue_time <= 0:
+            raise ConfigError(f"max_queue_time must be > 0, got {self.max_queue_time}")
         if self.check_integrity_interval < 0:
             raise ConfigError(f"check_integrity_interval must be >= 0, got {self.check_integrity_interval}")
 
@@ -216,7 +221,11 @@ SETTING_HELP: dict[str, str] = {
     "max_num_seqs": "most sequences in one step",
     "max_num_batched_tokens": "token budget of one step (prefill chunks + decodes)",
     "scheduling_policy": "fcfs | priority (lower priority value runs first)",
-    "max_waiting_requests": "bound of the waiting queue; past it new requests are refused",
+    "max_waiting_requests": "stack-wide bound of requests waiting for a batch slot; past it the "
+    "gateway answers 429 with Retry-After at once (default: one full batch per ready worker, "
+    "min(max_num_seqs, its KV blocks), summed)",
+    "max_queue_time": "seconds a request may wait for its first step; past it it fails with a 503 "
+    "'queue_timeout' error (default: no limit)",
     "max_inflight_steps": "steps the scheduler keeps queued at a worker: 2 plans step N+1 while N "
     "runs, hiding the round trip; 1 waits for each result",
     "max_local_prefill_tokens": "with prefill and decode workers: a prompt with fewer uncached "

@@ -39,7 +39,7 @@ SOCKET_OWNER: dict[str, str] = {
 class Endpoints(msgspec.Struct, frozen=True, kw_only=True):
     """One address per socket; field order is the tcp port order."""
 
-    tokenizer_in: str  # gateway -> tokenizers (PUSH bound by the gateway)
+    tokenizer_in: str  # gateway <-> tokenizers (ROUTER bound by the gateway, DEALER tokenizers)
     scheduler_in: str  # gateway, tokenizers, detokenizers -> scheduler (PULL bound by the scheduler)
     worker_router: str  # scheduler <-> workers (ROUTER bound by the scheduler, DEALER workers)
     detokenizer_in: str  # scheduler <-> detokenizers (ROUTER bound by the scheduler)

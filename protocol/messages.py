@@ -8,6 +8,7 @@ are IntEnum; each socket has one tagged union and one decoder (`protocol.codec`)
 
 Sockets and their unions:
   gateway -> tokenizer                     : TokenizerInbound    (GenerateRequest)
+  tokenizer -> gateway (same socket)       : TokenizerOutbound   (StageHeartbeat)
   gateway/tokenizer -> scheduler           : SchedulerInbound    (AddRequest | AbortRequests)
   scheduler -> detokenizer                 : DetokenizerInbound  (DetokRequest | EngineOutputs)
   detokenizer -> scheduler                 : DetokenizerOutbound (StageHeartbeat | AbortRequests)
@@ -400,7 +401,8 @@ DetokenizerInbound = DetokRequest | EngineOutputs
 
 
 class StageHeartbeat(_Msg, tag="stage"):
-    """A tokenizer or detokenizer is alive (to the gateway; detokenizers also to the scheduler)."""
+    """A tokenizer or detokenizer is alive (to the gateway; detokenizers also to the scheduler).
+    A new pid under a known stage id means the stage restarted: what it held is lost."""
 
     stage: str  # "tokenizer" | "detokenizer"
     stage_id: str
@@ -410,6 +412,7 @@ class StageHeartbeat(_Msg, tag="stage"):
 
 
 DetokenizerOutbound = StageHeartbeat | AbortRequests
+TokenizerOutbound = StageHeartbeat  # a tokenizer's heartbeats teach the gateway its address
 
 
 # ---------------------------------------------------------------- to the gateway
@@ -540,6 +543,8 @@ class SchedulerStats(_Msg, tag="stats"):
     step_tokens: list[int] = []  # tokens scheduled in each step planned since the previous stats
     # The KV cache config as vLLM's cache_config_info labels (block_size, num_gpu_blocks, ...).
     cache_info: dict[str, str] = {}
+    max_waiting: int = 0  # the stack-wide waiting bound now (admission at the gateway)
+    batch_capacity: int = 0  # sequences the ready workers can run at once
 
 
 GatewayInbound = TextOutputs | RequestFailed | SchedulerStats | StageHeartbeat

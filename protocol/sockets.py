@@ -10,6 +10,7 @@ drop it or fail.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Generic, TypeVar
 
 import zmq
@@ -75,6 +76,17 @@ class PushSocket(_Socket, Generic[T]):
     async def send(self, msg: T) -> None:
         await self.socket.send_multipart(self.codec.encode(msg), copy=False)
 
+    async def send_within(self, msg: T, timeout: float) -> bool:
+        """Send, waiting at most `timeout` seconds for room (no peer, or a full queue to a
+        stalled one); False if it was not sent. For loops that must never block on a peer."""
+        if self.closed:
+            return False
+        try:
+            await asyncio.wait_for(self.send(msg), timeout)
+            return True
+        except (TimeoutError, zmq.ZMQError):
+            return False
+
 
 class PullSocket(_Socket, Generic[T]):
     def __init__(
@@ -106,6 +118,14 @@ class RouterSocket(_Socket, Generic[TIn, TOut]):
 
     async def send(self, identity: bytes, msg: TOut) -> None:
         await self.socket.send_multipart([identity, *self.codec_out.encode(msg)], copy=False)
+
+    async def send_within(self, identity: bytes, msg: TOut, timeout: float) -> None:
+        """Send, waiting at most `timeout` seconds for room in a stalled peer's queue; raises
+        zmq.ZMQError (EAGAIN past the timeout, EHOSTUNREACH for a peer that is gone)."""
+        try:
+            await asyncio.wait_for(self.send(identity, msg), timeout)
+        except TimeoutError:
+            raise zmq.Again(f"the peer took nothing for {timeout} s") from None
 
 
 class DealerSocket(_Socket, Generic[TIn, TOut]):

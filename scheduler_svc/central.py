@@ -34,12 +34,13 @@ from protocol.messages import (
     WorkerHello,
     WorkerInfo,
 )
+from scheduler_svc.admission import num_waiting, waiting_bound
 from scheduler_svc.block_hash import BlockHash, extend_block_hashes
 from scheduler_svc.request import Request, RequestStatus
 from scheduler_svc.effects import Effects
 from scheduler_svc.handoffs import Handoff, KVHandoffs, Transfer
 from scheduler_svc.routing import Route, choose_route
-from scheduler_svc.worker_scheduler import RequestRejected
+from scheduler_svc.worker_scheduler import QueueFull, RequestRejected
 from scheduler_svc.worker_slot import DEAD, DRAINING, READY, WorkerSlot
 
 MAX_MIGRATIONS = 3  # a request moved this often is failed rather than moved again
@@ -148,6 +149,9 @@ class CentralScheduler(KVHandoffs):
 
     def add(self, msg: AddRequest, now: float) -> WorkerSlot:
         """Route and queue a new request; raises NoWorkerReady, RequestRejected or QueueFull."""
+        waiting, bound = num_waiting(self.workers.values()), waiting_bound(self.sched, self.workers.values())
+        if waiting >= bound:
+            raise QueueFull(f"{waiting} requests are waiting already (the bound is {bound})")
         route = choose_route(list(self.workers.values()), self._hashes(msg.prompt_token_ids),
                              len(msg.prompt_token_ids), self.sched.max_local_prefill_tokens)
         if route is None:

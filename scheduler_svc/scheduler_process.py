@@ -10,6 +10,9 @@ to them: plans, KVPull/KVCancel, Accepted/Refused/Unknown, Shutdown), ROUTER `de
 a request's outputs go to the detokenizer chosen when it was admitted. A worker silent past the
 liveness timeout is declared dead and its requests move to other workers; a message from a
 worker the scheduler does not know is answered with WorkerUnknown, so the worker registers again.
+Every send waits at most SEND_TIMEOUT for a stalled peer (a worker or detokenizer that takes
+nothing is then lost, a stats message to a stalled gateway dropped), so the loops that also
+watch liveness never block. Requests never scheduled within --max-queue-time fail with a 503.
 """
 
 from __future__ import annotations
@@ -53,7 +56,9 @@ from protocol.messages import (
     WorkerUnknown,
 )
 from protocol.sockets import PullSocket, PushSocket, RouterSocket
+from scheduler_svc.admission import batch_capacity, queued_too_long, waiting_bound
 from scheduler_svc.central import CentralScheduler, NoWorkerReady
+from scheduler_svc.detok_table import DetokTable
 from scheduler_svc.effects import Effects
 from scheduler_svc.worker_scheduler import QueueFull, RequestRejected
 from scheduler_svc.worker_slot import DEAD, READY, WorkerSlot
@@ -62,6 +67,7 @@ log = logging.getLogger("pdserve.scheduler")
 STATS_INTERVAL = 0.5
 EARLY_ABORT_MEMORY = 60.0  # seconds an abort for a not-yet-arrived request is remembered
 UNKNOWN_REPLY_INTERVAL = 1.0  # at most one WorkerUnknown per second per identity
+SEND_TIMEOUT = 1.0  # seconds a send may wait for room at a stalled peer
 
 
 class SchedulerService:
@@ -81,11 +87,11 @@ class SchedulerService:
             Codec(DetokenizerInbound), bind=True,
         )
         self.gateway = PushSocket(self.ctx, endpoints.gateway_in, Codec(GatewayInbound), bind=False)
-        self.detoks: dict[bytes, float] = {}  # identity -> last heartbeat
-        self.detok_load: dict[bytes, int] = {}
-        self.request_detok: dict[str, bytes] = {}
-        self.client_id: dict[str, str] = {}
+        self.detoks = DetokTable(keep_delivered=2 * stage.liveness_timeout)
         self.early_aborts: dict[str, float] = {}  # aborted before their AddRequest arrived
+        # Ended or refused requests: a second AddRequest for one (the gateway sent a request
+        # again because its tokenizer died after passing it on) is ignored.
+        self.ended: dict[str, float] = {}
         self.unknown_replied: dict[bytes, float] = {}
         self.integrity_failures = 0
         self._last_integrity = time.monotonic()
@@ -125,9 +131,12 @@ class SchedulerService:
     async def _add(self, msg: AddRequest) -> None:
         if self.early_aborts.pop(msg.request_id, None) is not None:
             return  # the client left while its request was being tokenized
+        if msg.request_id in self.central.requests or msg.request_id in self.ended:
+            return  # sent again by the gateway after a tokenizer died: it is here already
+        self.ended[msg.request_id] = time.monotonic()  # until it is admitted (refusals stay)
         client_id = msg.parent_id or msg.request_id
-        live_detoks = [d for d in self.detoks if d in self.detok_load]
-        if not live_detoks:
+        detok = self.detoks.pick()
+        if detok is None:
             await self._fail(client_id, 503, "no detokenizer is ready; try again shortly")
             return
         try:
@@ -139,19 +148,22 @@ class SchedulerService:
             await self._fail(client_id, 400, str(exc), exc.param)
             return
         except QueueFull as exc:
-            await self._fail(client_id, 429, f"server overloaded: {exc}", code="overloaded")
+            await self._fail(client_id, 429, f"server overloaded: {exc}; retry later",
+                             code="rate_limit_exceeded")
             return
-        detok = min(live_detoks, key=lambda d: self.detok_load[d])
-        self.detok_load[detok] += 1
         rid = msg.request_id
-        self.request_detok[rid] = detok
-        self.client_id[rid] = client_id
+        self.ended.pop(rid, None)
+        self.detoks.assign(rid, client_id, detok)
         wants_prompt = msg.params.echo or msg.params.prompt_logprobs is not None
-        await self.detok_sock.send(detok, DetokRequest(
-            rid, client_id, msg.index, msg.prompt_token_ids[-DETOK_PROMPT_TAIL:],
-            len(msg.prompt_token_ids), msg.params,
-            prompt_token_ids=list(msg.prompt_token_ids) if wants_prompt else [],
-        ))
+        try:
+            await self.detok_sock.send_within(detok, DetokRequest(
+                rid, client_id, msg.index, msg.prompt_token_ids[-DETOK_PROMPT_TAIL:],
+                len(msg.prompt_token_ids), msg.params,
+                prompt_token_ids=list(msg.prompt_token_ids) if wants_prompt else [],
+            ), SEND_TIMEOUT)
+        except zmq.ZMQError:
+            await self._detok_lost(detok)  # fails this request too
+            return
         await self._kick(slot, pipeline=False)
 
     async def _abort(self, ids: list[str], reason: FinishReason, error: str = "") -> None:
@@ -165,7 +177,10 @@ class SchedulerService:
 
     async def _fail(self, request_id: str, status: int, message: str, param: str | None = None,
                     code: str | None = None) -> None:
-        await self.gateway.send(RequestFailed(request_id, status, message, param, code))
+        if not await self.gateway.send_within(RequestFailed(request_id, status, message, param, code),
+                                              SEND_TIMEOUT):
+            log.error("the gateway took no message for %.0f s: the failure of %s is lost",
+                      SEND_TIMEOUT, request_id)
 
     # ------------------------------------------------------------------ workers
 
@@ -216,7 +231,7 @@ class SchedulerService:
 
     async def _send(self, slot: WorkerSlot | None, identity: bytes, msg) -> bool:
         try:
-            await self.workers_sock.send(identity, msg)
+            await self.workers_sock.send_within(identity, msg, SEND_TIMEOUT)
             return True
         except zmq.ZMQError as exc:
             if slot is not None:
@@ -254,22 +269,21 @@ class SchedulerService:
         batches: dict[bytes, list[RequestOutput]] = {}
         for out in outs:
             rid = out.request_id
-            detok = self.request_detok.get(rid)
+            detok = self.detoks.of(rid)
             if detok is not None:
                 batches.setdefault(detok, []).append(out)
             if out.finish_reason is not None:
                 self._forget(rid)
         for detok, batch in batches.items():
             try:
-                await self.detok_sock.send(detok, EngineOutputs(batch, time.time()))
+                await self.detok_sock.send_within(detok, EngineOutputs(batch, time.time()), SEND_TIMEOUT)
             except zmq.ZMQError:
                 await self._detok_lost(detok)
 
     def _forget(self, rid: str) -> None:
-        self.client_id.pop(rid, None)
-        detok = self.request_detok.pop(rid, None)
-        if detok in self.detok_load:
-            self.detok_load[detok] -= 1
+        now = time.monotonic()
+        self.ended[rid] = now
+        self.detoks.finish(rid, now)
 
     def _check_integrity(self) -> None:
         """Full accounting check after a failure event (and periodically under a flag): a
@@ -285,18 +299,17 @@ class SchedulerService:
     async def _on_detok(self, item) -> None:
         identity, msg = item
         if isinstance(msg, StageHeartbeat):
-            self.detoks[identity] = time.monotonic()
-            self.detok_load.setdefault(identity, 0)
+            if self.detoks.heartbeat(identity, msg.pid, time.monotonic()):
+                log.warning("detokenizer %s restarted: failing the requests it held", msg.stage_id)
+                await self._detok_lost(identity)
+                self.detoks.heartbeat(identity, msg.pid, time.monotonic())
         elif isinstance(msg, AbortRequests):
             await self._abort(msg.request_ids, msg.reason)
 
     async def _detok_lost(self, detok: bytes) -> None:
-        self.detoks.pop(detok, None)
-        self.detok_load.pop(detok, None)
-        lost = [rid for rid, d in self.request_detok.items() if d == detok]
-        clients = {self.client_id.get(rid, rid) for rid in lost}
-        for rid in lost:
-            self.request_detok.pop(rid, None)
+        # Its live requests, and those whose last text it had just been sent (the gateway ignores
+        # the failure of a request whose text did arrive).
+        lost, clients = self.detoks.lose(detok)
         await self._abort(lost, FinishReason.ERROR)
         for client in clients:
             await self._fail(client, 503, "the detokenizer serving this request died")
@@ -312,20 +325,39 @@ class SchedulerService:
                     await self._declare_dead(slot, "stopped responding")
             effects = self.central.expire(time.time())
             await self._apply(effects, check=bool(effects.outputs or effects.messages))
-            for rid, when in list(self.early_aborts.items()):
-                if now - when > EARLY_ABORT_MEMORY:
-                    del self.early_aborts[rid]
+            if self.sched.max_queue_time is not None:
+                await self._expire_queued(self.sched.max_queue_time)
+            for memory in (self.early_aborts, self.ended):
+                for rid, when in list(memory.items()):
+                    if now - when > EARLY_ABORT_MEMORY:
+                        del memory[rid]
+            self.detoks.prune(now)
             for identity, when in list(self.unknown_replied.items()):
                 if now - when > 60.0:
                     del self.unknown_replied[identity]
-            for detok, seen in list(self.detoks.items()):
-                if now - seen > self.stage.liveness_timeout:
-                    await self._detok_lost(detok)
+            for detok in self.detoks.silent(now, self.stage.liveness_timeout):
+                await self._detok_lost(detok)
             interval = self.sched.check_integrity_interval
             if interval > 0 and now - self._last_integrity >= interval:
                 self._last_integrity = now
                 self._check_integrity()
-            await self.gateway.send(self.stats())
+            await self.gateway.send_within(self.stats(), SEND_TIMEOUT)  # the next one follows
+
+    async def _expire_queued(self, limit: float) -> None:
+        """Fail requests that waited longer than --max-queue-time for their first step."""
+        now = time.time()
+        late = queued_too_long(self.central.workers.values(), limit, now)
+        clients: dict[str, str] = {}
+        for req in late:
+            client = self.detoks.client(req.request_id)
+            clients[client] = (f"the request waited {now - req.arrival_time:.1f} s in the queue, "
+                               f"longer than --max-queue-time {limit:g} s; retry later")
+        for client, message in clients.items():  # first, so the client sees this status
+            await self._fail(client, 503, message, code="queue_timeout")
+        if late:
+            log.warning("%d request(s) waited longer than --max-queue-time %g s", len(late), limit)
+            await self._abort([r.request_id for r in late], FinishReason.ERROR,
+                              "waited longer than --max-queue-time")
 
     def _cache_info(self, slots: list) -> dict[str, str]:
         """The KV cache config in vLLM's `cache_config_info` label names."""
@@ -368,4 +400,6 @@ class SchedulerService:
             step_tokens=step_tokens,
             cache_info=self._cache_info(slots),
             integrity_failures=self.integrity_failures,
+            max_waiting=waiting_bound(self.sched, slots),
+            batch_capacity=batch_capacity(self.sched, slots),
         )

@@ -104,7 +104,8 @@ class WorkerScheduler(RequestMoves):
             msg.params.validate(self.vocab_size)
         except ValueError as exc:
             raise RequestRejected(str(exc), getattr(exc, "param", None)) from exc
-        if len(self.waiting) >= self.settings.max_waiting_requests:
+        bound = self.settings.max_waiting_requests  # the service bounds the whole stack instead
+        if bound is not None and len(self.waiting) >= bound:
             raise QueueFull(f"{len(self.waiting)} requests are waiting already")
         seed = msg.params.seed if msg.params.seed is not None else self._rng.getrandbits(63)
         self._order += 1

@@ -55,16 +55,22 @@ def _has_env(pid: int, needle: str) -> bool:
 
 
 def wait_until_ready(url: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> bool:
-    """Poll `url`/ready until it answers 200 (True), `alive()` turns false or time runs out."""
+    """Poll `url`/ready until it answers 200 with every tokenizer and detokenizer live (/health)
+    (True), `alive()` turns false or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and alive():
         try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200 and _stages_complete(url):
                 return True
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
     return False
+
+
+def _stages_complete(url: str) -> bool:
+    stages = httpx.get(f"{url}/health", timeout=2).json()["stages"]
+    return all(stages[k]["live"] >= stages[k]["expected"] for k in ("tokenizers", "detokenizers"))
 
 
 def start_server(model_dir: Path, tmp: Path, *extra: str, ready_timeout: float = 180.0) -> Server:

@@ -150,6 +150,10 @@ BAD: list[tuple[str, str, bytes | dict[str, Any], int, str | None]] = [
     ("empty token-id prompt", "comp", comp(prompt=[[1, 2], []]), 400, "prompt[1]"),
     ("negative token id", "comp", comp(prompt=[[1, 2], [3, -1]]), 400, "prompt[1]"),
     ("strings inside token lists", "comp", comp(prompt=[[1], ["a"]]), 422, "prompt[1]"),
+    ("stream_options without stream", "chat", chat(stream_options={"include_usage": True}), 400,
+     "stream_options"),
+    ("stream_options with stream false", "comp",
+     comp(stream=False, stream_options={"include_usage": True}), 400, "stream_options"),
 ]
 
 
@@ -290,7 +294,7 @@ def test_stream_options() -> None:
     assert not req.include_usage and not req.continuous_usage_stats
     req = parse_completion_request(
         json.dumps(comp(stream_options={"include_usage": True})).encode())
-    assert not req.include_usage  # only meaningful when streaming
+    assert not req.include_usage  # only meaningful when streaming (and refused without it)
 
 
 def test_vllm_bench_serve_payloads() -> None:

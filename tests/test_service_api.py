@@ -60,7 +60,9 @@ def metric(server, name: str) -> float:
 
 
 def test_health_ready_models_workers(server, client):
-    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["status"] == "ok" and health["missing"] == []
+    assert health["stages"]["tokenizers"] == {"live": 2, "expected": 2}
     assert httpx.get(f"{server.url}/ready").status_code == 200
     model = client.models.list().data[0]
     assert model.id == MODEL and model.root

@@ -34,8 +34,8 @@ def test_api_key_overload_and_clean_shutdown(smollm2_dir, tmp_path):
         auth = {"authorization": "Bearer s3cret"}
         statuses: list[tuple[int, str | None]] = []
 
-        def fire():
-            resp = httpx.post(url, json=CHAT, headers=auth, timeout=120)
+        def fire():  # all 8 arrive at once: short requests still overlap, and finish on a slow CPU
+            resp = httpx.post(url, json={**CHAT, "max_tokens": 40}, headers=auth, timeout=120)
             statuses.append((resp.status_code, resp.headers.get("retry-after")))
 
         threads = [threading.Thread(target=fire) for _ in range(8)]
@@ -46,7 +46,7 @@ def test_api_key_overload_and_clean_shutdown(smollm2_dir, tmp_path):
             t.join()
         refused = [s for s in statuses if s[0] == 429]
         assert refused and all(ra is not None for _, ra in refused), statuses
-        assert any(s == 200 for s, _ in statuses)
+        assert any(s == 200 for s, _ in statuses), statuses
         assert time.monotonic() - started < 120
         pids = srv.child_pids()
         assert len(pids) == 5  # scheduler, worker, tokenizer, detokenizer, gateway

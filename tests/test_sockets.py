@@ -166,3 +166,32 @@ def test_sockets_set_linger_and_hwm(tmp_path: Path) -> None:
         push.close()
         assert push.closed
         ctx.term()
+
+
+def test_send_within_gives_up_on_a_missing_or_stalled_peer(tmp_path: Path) -> None:
+    """A PUSH with no peer (or a peer that stopped reading) reports False after the timeout
+    instead of blocking the loop that sends; once a reader is there, the message goes."""
+
+    async def main() -> None:
+        ctx = zmq.asyncio.Context()
+        address = f"ipc://{tmp_path}/within.sock"
+        push = PushSocket(ctx, address, Codec(FromWorker), bind=True, hwm=1)
+        try:
+            started = asyncio.get_running_loop().time()
+            assert not await push.send_within(Heartbeat("w0", 0.0), 0.2)  # nobody connected
+            assert 0.15 < asyncio.get_running_loop().time() - started < 2.0
+            pull = PullSocket(ctx, address, Codec(FromWorker), bind=False, hwm=1)
+            assert await push.send_within(Heartbeat("w0", 1.0), TIMEOUT_S)
+            got = await asyncio.wait_for(pull.recv(), TIMEOUT_S)
+            assert isinstance(got, Heartbeat) and got.timestamp == 1.0
+            sent = 0  # the reader stops reading: the queues fill, then sends give up
+            while await push.send_within(Heartbeat("w0", 2.0), 0.2):
+                sent += 1
+                assert sent < 10_000
+            pull.close()
+            push.close()
+            assert not await push.send_within(Heartbeat("w0", 3.0), 0.2)  # closed: False, no error
+        finally:
+            ctx.term()
+
+    asyncio.run(main())

@@ -3,6 +3,7 @@
 A DEALER socket to the scheduler's ROUTER brings DetokRequests and EngineOutputs (every output of
 a request comes to the same detokenizer, chosen when the scheduler admitted it) and carries back
 heartbeats and the aborts of requests whose stop string matched. Text goes to the gateway.
+Detokenizing runs in a thread, so a large batch never stalls the heartbeats.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ async def serve_detokenizer(model: ModelSettings, stage: StageSettings, endpoint
     beat = asyncio.create_task(
         send_heartbeats([scheduler, gateway], "detokenizer", stage_id, stage.heartbeat_interval)
     )
+    loop = asyncio.get_running_loop()
     log.info("detokenizer %s ready", stage_id)
     try:
         while True:
@@ -85,7 +87,7 @@ async def serve_detokenizer(model: ModelSettings, stage: StageSettings, endpoint
                 continue
             assert isinstance(msg, EngineOutputs)
             try:
-                text, stopped = state.process(msg)
+                text, stopped = await loop.run_in_executor(None, state.process, msg)
             except Exception:
                 log.exception("detokenizing a batch")
                 continue

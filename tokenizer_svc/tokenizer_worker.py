@@ -1,9 +1,12 @@
 """`pdserve tokenizer`: chat template, tokenization and length checks, then on to the scheduler.
 
-Several run side by side: the gateway's PUSH socket deals GenerateRequests round-robin to their
-PULL sockets. A request that cannot run (malformed messages, prompt longer than the context,
-max_tokens past it, out-of-vocabulary ids) is answered straight to the gateway with a
-RequestFailed; a good one becomes n AddRequests (one per choice).
+Several run side by side, each a DEALER (identity: its stage id) on the gateway's ROUTER: the
+gateway picks a live tokenizer for each GenerateRequest and, if that tokenizer dies or stalls,
+sends the requests it held to another (the scheduler ignores an AddRequest it already has).
+Heartbeats go up the same socket. A request that cannot run (malformed messages, prompt longer
+than the context, max_tokens past it, out-of-vocabulary ids) is answered straight to the gateway
+with a RequestFailed; a good one becomes n AddRequests (one per choice). Tokenizing runs in a
+thread, so a huge prompt never stalls the heartbeats.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ from protocol.messages import (
     RequestFailed,
     SchedulerInbound,
     TokenizerInbound,
+    TokenizerOutbound,
     choice_request_id,
     choice_seed,
 )
 from protocol.sampling import SamplingParams
-from protocol.sockets import PullSocket, PushSocket
+from protocol.sockets import DealerSocket, PushSocket
 from tokenizer_svc.tokenizer import Tokenizer
 
 log = logging.getLogger("pdserve.tokenizer")
@@ -125,18 +129,20 @@ async def serve_tokenizer(model: ModelSettings, stage: StageSettings, endpoints:
     tokenizer = Tokenizer.from_dir(hf_dir, name=model.model, chat_template=model.chat_template)
     preparer = PromptPreparer(tokenizer, max_len, cfg.vocab_size)
     ctx = zmq.asyncio.Context()
-    pull = PullSocket(ctx, endpoints.tokenizer_in, Codec(TokenizerInbound), bind=False)
+    pull = DealerSocket(ctx, endpoints.tokenizer_in, Codec(TokenizerInbound), Codec(TokenizerOutbound),
+                        bind=False, identity=stage_id.encode())
     to_scheduler = PushSocket(ctx, endpoints.scheduler_in, Codec(SchedulerInbound), bind=False)
     to_gateway = PushSocket(ctx, endpoints.gateway_in, Codec(GatewayInbound), bind=False)
     beat = asyncio.create_task(
-        send_heartbeats([to_gateway], "tokenizer", stage_id, stage.heartbeat_interval)
+        send_heartbeats([pull], "tokenizer", stage_id, stage.heartbeat_interval)
     )
+    loop = asyncio.get_running_loop()
     log.info("tokenizer %s ready (context %d)", stage_id, max_len)
     try:
         while True:
             req = await pull.recv()
             try:
-                for add in preparer.prepare(req):
+                for add in await loop.run_in_executor(None, preparer.prepare, req):
                     await to_scheduler.send(add)
             except PromptError as exc:
                 await to_gateway.send(RequestFailed(req.request_id, 400, str(exc), exc.param))
