@@ -45,6 +45,8 @@ class StepThread:
         self.completed = 0  # of those, run (loop thread only: bumped through call_soon_threadsafe)
         self._progress = asyncio.Event()
         self._runner: ModelRunner | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
 
     async def start(self, make_runner, torch_threads: int | None) -> ModelRunner:
         """Start the thread, build the runner on it, and return the runner once loaded."""
@@ -61,7 +63,8 @@ class StepThread:
             self.loop.call_soon_threadsafe(_settle, ready, self._runner, None)
             self._run_plans()
 
-        threading.Thread(target=main, name="pdserve-step", daemon=True).start()
+        self._thread = threading.Thread(target=main, name="pdserve-step", daemon=True)
+        self._thread.start()
         return await ready
 
     def submit(self, plan: StepPlan) -> None:
@@ -78,8 +81,14 @@ class StepThread:
         """Drop every sequence (after the plans queued before this call have run)."""
         self._plans.put(_RESET)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the step that runs now, and wait for the thread to end: a process that
+        exits while torch still computes on a daemon thread aborts ("terminate called without
+        an active exception")."""
+        self._stopping = True  # plans still queued are not started
         self._plans.put(None)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     def _run_plans(self) -> None:
         runner = self._runner
@@ -87,6 +96,8 @@ class StepThread:
         pending: InFlightStep | None = None  # launched, result not yet sent
         while True:
             item = self._next_item(runner, pending)
+            if self._stopping:
+                item = None
             if item is _NOTHING or item is None or item is _RESET:
                 if pending is not None and not self._answer(runner, pending.step_id, lambda: runner.finish(pending)):
                     return
