@@ -1,0 +1,68 @@
+"""The skinny (decode-step) matrix product against torch, on the CPU through Triton's interpreter.
+
+float32 with ieee dots, so the only difference from torch is the order of the additions (the K
+split included); outputs are poisoned with NaN first so an unwritten element shows. The device
+script tests/benchmarks/gpu_gemm.py repeats the check in bf16 on CUDA and times it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+_PRIOR = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+    from gpu_worker.triton_kernels.skinny_matmul import skinny_matmul
+finally:
+    if _PRIOR is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PRIOR
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.mark.parametrize(
+    "m, n, k, block_n, block_k, split",
+    [
+        (1, 64, 128, 64, 128, 1),  # one program
+        (3, 100, 200, 32, 64, 1),  # ragged N and K, masked tails
+        (16, 96, 384, 32, 64, 3),  # K split evenly
+        (5, 70, 300, 64, 64, 4),  # ragged K over splits: 4 shares of 128, the last one short
+        (17, 40, 256, 32, 64, 8),  # M above one 16-row pad; split larger than the tiles allow
+    ],
+)
+def test_skinny_matmul_equals_torch(m, n, k, block_n, block_k, split):
+    gen = torch.Generator().manual_seed(m * 1000 + n)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen)
+    out = torch.full((m, n), float("nan"))
+    got = skinny_matmul(x, w, out=out, block_n=block_n, block_k=block_k, split=split, num_stages=1)
+    assert got is out
+    torch.testing.assert_close(got, x @ w.T, rtol=1e-5, atol=1e-4)
+
+
+def test_a_strided_input_row_and_an_output_view_are_honoured():
+    """x may be a view with a row stride (a slice of a packed activation), out a column slice."""
+    gen = torch.Generator().manual_seed(7)
+    base = torch.randn(4, 160, generator=gen)
+    x = base[:, :128]
+    w = torch.randn(48, 128, generator=gen)
+    wide = torch.full((4, 80), float("nan"))
+    skinny_matmul(x, w, out=wide[:, 16:64], block_n=32, block_k=64, split=2, num_stages=1)
+    torch.testing.assert_close(wide[:, 16:64], x @ w.T, rtol=1e-5, atol=1e-4)
+    assert torch.isnan(wide[:, :16]).all() and torch.isnan(wide[:, 64:]).all()
+
+
+def test_mismatched_shapes_are_refused():
+    with pytest.raises(ValueError, match="columns"):
+        skinny_matmul(torch.zeros(2, 8), torch.zeros(4, 9))
+    with pytest.raises(ValueError, match="contiguous"):
+        skinny_matmul(torch.zeros(8, 2).T, torch.zeros(4, 8))
