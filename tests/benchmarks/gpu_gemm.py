@@ -139,7 +139,7 @@ def measure(name: str, n: int, k: int, m: int, quick: bool, rows: list) -> None:
     rows.append(row)
     brief = {impl: round(v, 1) for impl, v in winners.items()}
     print(f"{name:8s} M={m:5d}: {brief} us -> {row['fastest']}", flush=True)
-    del weights, x
+    weights.clear()
     torch.cuda.empty_cache()
 
 
