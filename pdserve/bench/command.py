@@ -119,21 +119,21 @@ async def bench(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple
     import httpx
 
     from pdserve.bench import server_phases
-    from pdserve.bench.client import ENDPOINT_PATHS, build_payload, send_request
+    from pdserve.bench.client import ENDPOINT_PATHS, build_payload, send_request, stream_session
     from pdserve.bench.runner import poisson_arrival_times, run_schedule
 
     base_url = args.base_url.rstrip("/")
-    limits = httpx.Limits(max_connections=args.max_concurrency or len(requests),
-                          max_keepalive_connections=args.max_concurrency or len(requests))
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    async with httpx.AsyncClient(limits=limits, headers=headers, timeout=httpx.Timeout(args.timeout),
-                                 trust_env=not is_local_url(base_url)) as client:
+    trust_env = not is_local_url(base_url)
+    # httpx for the few plain GETs around the run, aiohttp for the streams (see bench.client)
+    async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(args.timeout), trust_env=trust_env) as client, \
+            stream_session(args.max_concurrency, headers, trust_env) as session:
         model = args.model or await resolve_model(client, base_url)
         url = base_url + ENDPOINT_PATHS[args.endpoint]
 
         async def send(index: int, request: BenchRequest) -> RequestRecord:
             payload = build_payload(args.endpoint, model, request, args.ignore_eos, args.temperature)
-            return await send_request(client, url, payload, index, request.prompt_len, args.timeout)
+            return await send_request(session, url, payload, index, request.prompt_len, args.timeout)
 
         arrivals = poisson_arrival_times(len(requests), args.request_rate, args.seed)
         before = await server_phases.scrape(client, base_url)

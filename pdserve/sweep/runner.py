@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from pdserve.bench import server_phases
-from pdserve.bench.client import ENDPOINT_PATHS, RequestRecord, build_payload, send_request
+from pdserve.bench.client import ENDPOINT_PATHS, RequestRecord, build_payload, send_request, stream_session
 from pdserve.bench.datasets import BenchRequest, random_requests, shared_prefix_requests, sharegpt_requests
 from pdserve.bench.runner import poisson_arrival_times, run_schedule
 from pdserve.sweep.experiment import Experiment, Layout
@@ -131,14 +131,14 @@ async def run_point(url: str, requests: list[BenchRequest], kind: str, load: flo
     `on_done` is called as each request ends (progress)."""
     concurrency = int(load) if kind == "concurrency" else None
     rate = load if kind == "rate" else math.inf
-    limits = httpx.Limits(max_connections=concurrency or len(requests))
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout), trust_env=False) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), trust_env=False) as client, \
+            stream_session(concurrency) as session:
         model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
         target = url + ENDPOINT_PATHS["completions"]
 
         async def send(index: int, request: BenchRequest) -> RequestRecord:
             payload = build_payload("completions", model, request, True, 0.0)
-            record = await send_request(client, target, payload, index, request.prompt_len, timeout)
+            record = await send_request(session, target, payload, index, request.prompt_len, timeout)
             if on_done is not None:
                 on_done()
             return record
