@@ -186,20 +186,20 @@ class ModelRunner:
 
         `previous` is the step launched before this one whose tokens may not be on the host yet:
         its samples are fed to this step on the device. When a sampling row here needs its
-        token history (penalties), the previous step is resolved first.
+        token history (penalties, grammars), the previous step is resolved once this step's
+        forward is queued: the device runs the forward while the host waits for those tokens.
         """
         launched_at = time.perf_counter()
         timer = DeviceTimer.started(self.device)
         scheduled = self.seqs.apply(plan)
         pending = previous is not None and not previous.resolved
-        if pending and any(s.samples and _needs_history(s.state.params) for s in scheduled):
-            # Penalties read the token history, and a grammar's matcher consumes every token
-            # (it catches up in StructuredDecoding.start): the previous samples must be known.
-            previous.resolve()  # type: ignore[union-attr]
-            pending = False
+        # Penalties read the token history, and a grammar's matcher consumes every token (it
+        # catches up in StructuredDecoding.start): the previous samples must be on the host
+        # before sampling, but the forward does not need them (they are fed on the device).
+        history = pending and any(s.samples and _needs_history(s.state.params) for s in scheduled)
         step = build_step_inputs(scheduled, self.block_size)
         states = [scheduled[i].state for i in step.sample_seqs]
-        masks = self.structured.start(states)  # grammar rows: masks built during the forward
+        masks = None if history else self.structured.start(states)  # built during the forward
         prompt_rows = select_prompt_rows(scheduled, step)
         if prompt_rows is not None:
             step.prompt_rows = prompt_rows.rows
@@ -208,6 +208,9 @@ class ModelRunner:
             fed = previous.feed(step.input_ids, step.query_start,  # type: ignore[union-attr]
                                 [s.state.request_id for s in scheduled], self.device)
         logits = self.executor.forward(step, fed) if scheduled else None
+        if history:
+            previous.resolve()  # type: ignore[union-attr]
+            masks = self.structured.start(states)  # still during this step's forward
         prompt_logprobs = []
         if prompt_rows is not None and logits is not None:  # reads them back now: no overlap here
             prompt_logprobs = gather_prompt_logprobs(logits[len(states):], prompt_rows)
