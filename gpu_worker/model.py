@@ -115,6 +115,11 @@ class LlamaForCausalLM(nn.Module):
                     getattr(layer, name).data = torch.empty(0, dtype=self.embed.dtype)
         self.lm_head_op = Linear(self.lm_head, None, pack)
 
+    def linear_ops(self) -> list[Linear]:
+        """Every matrix-product op, layer by layer, the LM head last."""
+        ops = [op for layer in self.layers for op in (layer.qkv_op, layer.o_op, layer.gate_up_op, layer.down_op)]
+        return ops + [self.lm_head_op]
+
     @torch.inference_mode()
     def forward(
         self,

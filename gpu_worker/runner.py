@@ -89,6 +89,10 @@ class ModelRunner:
             self.model.load_weights(iter_safetensors_weights(self.hf_dir))
         self.model.prepare()
         self.backend = select_backend(model_settings, cfg, self.device, self.dtype)
+        if model_settings.skinny_matmul == "auto" and self.backend.name == "triton":
+            from gpu_worker.matmul_tuning import tune_linears
+
+            tune_linears(self.model.linear_ops())
         graph_sizes = self._graph_sizes(model_settings, max_num_seqs)
         reserve = 0 if cache_settings.num_kv_blocks is not None else self._reserve_bytes(
             max_num_batched_tokens, max_num_seqs, graph_sizes)

@@ -66,3 +66,30 @@ def test_mismatched_shapes_are_refused():
         skinny_matmul(torch.zeros(2, 8), torch.zeros(4, 9))
     with pytest.raises(ValueError, match="contiguous"):
         skinny_matmul(torch.zeros(8, 2).T, torch.zeros(4, 8))
+
+
+def test_a_linear_runs_the_skinny_kernel_in_the_buckets_chosen_for_it(monkeypatch):
+    """gpu_worker.matmul_tuning hands a Linear its per-bucket choices; other row counts (and
+    anything past 64 rows) stay with F.linear."""
+    from gpu_worker import triton_kernels
+    from gpu_worker.linear import Linear
+    from gpu_worker.matmul_tuning import BUCKETS, SkinnyConfig, bucket_of
+
+    assert [bucket_of(r) for r in (1, 2, 3, 5, 16, 17, 64, 65)] == [1, 2, 4, 8, 16, 32, 64, None]
+    assert BUCKETS[-1] == 64
+    calls = []
+    real = triton_kernels.skinny_matmul.skinny_matmul
+
+    def counted(x, w, **kw):
+        calls.append((x.shape[0], kw["split"]))
+        return real(x, w, **kw)
+
+    monkeypatch.setattr(triton_kernels.skinny_matmul, "skinny_matmul", counted)
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 128, generator=gen)
+    op = Linear(w, None, pack=False)
+    op.skinny = {4: SkinnyConfig(32, 64, 4, 1, 2)}
+    for rows in (3, 4, 2, 70):
+        x = torch.randn(rows, 128, generator=gen)
+        torch.testing.assert_close(op(x), x @ w.T, rtol=1e-5, atol=1e-4)
+    assert calls == [(3, 2), (4, 2)]  # 3 and 4 rows share bucket 4; 2 rows and 70 rows do not

@@ -13,11 +13,11 @@ M (tokens in the step) from 1 to 8192, times y = x @ w.T in bf16 as
   pipeline stages and K splits, keeping the best (and every config's time).
 
 Each timing is a CUDA-graph replay of 8 products over 8 distinct weight copies (so the L2 cache
-holds none of them, as in a real step that reads 32 layers' weights), median of 10 replays,
+holds none of them, as in a real step that reads 32 layers' weights), median of 7 replays,
 reported per product with the bytes read per second and the FLOP/s. The skinny kernel's output
 is checked against F.linear first (bf16, relative error of the whole output).
 
-Imports only torch, triton and gpu_worker.triton_kernels: runs on a bare CUDA image.
+Imports only torch, triton, gpu_worker.triton_kernels and gpu_worker.matmul_tuning: runs on a bare CUDA image.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from gpu_worker.matmul_tuning import replay_seconds  # noqa: E402
 from gpu_worker.triton_kernels.skinny_matmul import skinny_matmul  # noqa: E402
 
 DEV = torch.device("cuda")
@@ -46,27 +46,6 @@ COPIES = 8
 SKINNY_CONFIGS = [  # (block_n, block_k, num_warps, num_stages)
     (bn, bk, w, s) for bn, bk, w, s in itertools.product((32, 64), (128, 256), (4,), (3, 5))
 ] + [(128, 64, 8, 3), (16, 256, 4, 4)]
-
-
-def graph_time(fn, weights: list[torch.Tensor]) -> float:
-    """Seconds per product: 8 products (one per weight copy) captured in a graph, median replay."""
-    for w in weights:
-        fn(w)  # compiles / warms
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for w in weights:
-            fn(w)
-    times = []
-    for _ in range(13):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del graph
-    return statistics.median(times[3:]) / len(weights)
 
 
 def with_blas(library: str, fn):
@@ -95,8 +74,8 @@ def measure(name: str, n: int, k: int, m: int, quick: bool, rows: list) -> None:
     def put(impl: str, seconds: float) -> None:
         row[impl] = {"us": seconds * 1e6, "TBps": bytes_read / seconds / 1e12, "TFLOPs": flops / seconds / 1e12}
 
-    put("cublas", graph_time(lambda w: F.linear(x, w), weights))
-    put("cublaslt", graph_time(with_blas("cublaslt", lambda w: F.linear(x, w)), weights))
+    put("cublas", replay_seconds(lambda w: F.linear(x, w), weights))
+    put("cublaslt", replay_seconds(with_blas("cublaslt", lambda w: F.linear(x, w)), weights))
     if m <= 64:
         want = F.linear(x, weights[0]).float()
         best, tried = None, []
@@ -109,7 +88,7 @@ def measure(name: str, n: int, k: int, m: int, quick: bool, rows: list) -> None:
                 try:
                     got = fn(weights[0]).float()
                     err = ((got - want).norm() / want.norm()).item()
-                    seconds = graph_time(fn, weights)
+                    seconds = replay_seconds(fn, weights)
                 except Exception as exc:  # a config the compiler rejects (shared memory)
                     tried.append({"config": [bn, bk, warps, stages, split], "error": repr(exc)[:200]})
                     continue
@@ -129,7 +108,7 @@ def measure(name: str, n: int, k: int, m: int, quick: bool, rows: list) -> None:
             F.linear(x, weights[0])  # tunes this shape, eagerly (not while capturing)
             torch.cuda.synchronize()
             tunable.tuning_enable(False)
-            put("tunable", graph_time(lambda w: F.linear(x, w), weights))
+            put("tunable", replay_seconds(lambda w: F.linear(x, w), weights))
         except Exception as exc:
             row["tunable"] = {"error": repr(exc)[:300]}
         finally:
