@@ -32,6 +32,17 @@ def num_waiting(slots: Iterable[WorkerSlot]) -> int:
     return sum(len(s.scheduler.waiting) for s in slots)
 
 
+def num_waiting_for_slot(settings: SchedulerSettings, slots: Iterable[WorkerSlot]) -> int:
+    """Queued requests that the ready workers' free batch slots cannot take: what the bound is
+    about. A queued request with a free slot waits only for the next steps' prefill budget, so a
+    burst as large as the free slots plus the bound is admitted (the gateway's door estimates
+    the same from its own counts)."""
+    slots = list(slots)
+    free = sum(max(0, min(settings.max_num_seqs, s.kv.num_usable_blocks) - len(s.scheduler.running))
+               for s in slots if s.is_ready)
+    return max(0, num_waiting(slots) - free)
+
+
 def queued_too_long(slots: Iterable[WorkerSlot], limit: float, now: float) -> list[Request]:
     """Requests never scheduled yet that arrived more than `limit` seconds before `now` (a
     preempted or migrated request has run before and is not counted as queued)."""

@@ -34,7 +34,7 @@ from protocol.messages import (
     WorkerHello,
     WorkerInfo,
 )
-from scheduler_svc.admission import num_waiting, waiting_bound
+from scheduler_svc.admission import num_waiting_for_slot, waiting_bound
 from scheduler_svc.block_hash import BlockHash, extend_block_hashes
 from scheduler_svc.request import Request, RequestStatus
 from scheduler_svc.effects import Effects
@@ -149,9 +149,10 @@ class CentralScheduler(KVHandoffs):
 
     def add(self, msg: AddRequest, now: float) -> WorkerSlot:
         """Route and queue a new request; raises NoWorkerReady, RequestRejected or QueueFull."""
-        waiting, bound = num_waiting(self.workers.values()), waiting_bound(self.sched, self.workers.values())
+        slots = self.workers.values()
+        waiting, bound = num_waiting_for_slot(self.sched, slots), waiting_bound(self.sched, slots)
         if waiting >= bound:
-            raise QueueFull(f"{waiting} requests are waiting already (the bound is {bound})")
+            raise QueueFull(f"{waiting} requests are waiting for a batch slot already (the bound is {bound})")
         route = choose_route(list(self.workers.values()), self._hashes(msg.prompt_token_ids),
                              len(msg.prompt_token_ids), self.sched.max_local_prefill_tokens)
         if route is None:

@@ -105,8 +105,9 @@ class WorkerScheduler(RequestMoves):
         except ValueError as exc:
             raise RequestRejected(str(exc), getattr(exc, "param", None)) from exc
         bound = self.settings.max_waiting_requests  # the service bounds the whole stack instead
-        if bound is not None and len(self.waiting) >= bound:
-            raise QueueFull(f"{len(self.waiting)} requests are waiting already")
+        free = max(0, min(self.settings.max_num_seqs, self.kv.num_usable_blocks) - len(self.running))
+        if bound is not None and len(self.waiting) - free >= bound:  # as admission.num_waiting_for_slot
+            raise QueueFull(f"{len(self.waiting) - free} requests are waiting for a batch slot already")
         seed = msg.params.seed if msg.params.seed is not None else self._rng.getrandbits(63)
         self._order += 1
         req = Request(

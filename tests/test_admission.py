@@ -6,7 +6,8 @@ import pytest
 
 from gateway.admission import DEFAULT_RETRY, MAX_RETRY, MIN_RETRY, DoorAdmission, retry_headers
 from protocol.config import SchedulerSettings
-from scheduler_svc.admission import batch_capacity, num_waiting, queued_too_long, waiting_bound
+from scheduler_svc.admission import (batch_capacity, num_waiting, num_waiting_for_slot, queued_too_long,
+                                     waiting_bound)
 from scheduler_svc.worker_scheduler import QueueFull
 from tests.central_harness import Cluster, M
 from tests.scheduler_harness import toks
@@ -54,6 +55,19 @@ def test_the_default_waiting_bound_is_one_batch_per_ready_worker_and_stack_wide(
         c.add("r4", toks(60, 4), max_tokens=50)
     c.kill("w1")  # its requests move to w0; the bound shrinks with the ready workers
     assert waiting_bound(c.central.sched, c.central.workers.values()) == 1
+
+
+def test_a_burst_as_large_as_the_free_slots_plus_the_bound_is_admitted() -> None:
+    """2,000 requests at once on a batch of 1,024 were 716 x 429 while the queue held requests
+    that had a free slot and waited only for prefill budget: only those without a slot count."""
+    c = Cluster([M], num_blocks=64, budget=4, max_num_seqs=4, max_waiting_requests=2)
+    slots = c.central.workers.values()
+    for i in range(6):  # a 4-token budget prefills one 4-token prompt per step: the rest queue
+        c.add(f"r{i}", toks(10 * i + 1, 4), max_tokens=50)
+    running = len(c.central.workers["w0"].scheduler.running)
+    assert num_waiting(slots) == 6 - running and num_waiting_for_slot(c.central.sched, slots) == 2
+    with pytest.raises(QueueFull, match="2 requests are waiting for a batch slot already"):
+        c.add("r6", toks(70, 4), max_tokens=50)
 
 
 def test_an_explicit_bound_is_stack_wide_and_kv_caps_the_default() -> None:

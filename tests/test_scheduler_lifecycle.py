@@ -145,15 +145,19 @@ def test_duplicate_id_of_a_running_request_is_rejected() -> None:
 
 
 def test_queue_full_past_max_waiting_requests() -> None:
-    h = Harness(max_waiting=2)
-    h.add("a", toks(1, 4))
-    h.add("b", toks(11, 4))
+    """The bound counts queued requests that no free batch slot can take (2 slots here)."""
+    h = Harness(max_waiting=1, max_num_seqs=2)
+    for rid, start in (("a", 1), ("b", 11), ("c", 21)):  # a and b have slots: only c waits
+        h.add(rid, toks(start, 4))
+    with pytest.raises(QueueFull, match="1 requests are waiting for a batch slot"):
+        h.add("d", toks(31, 4))
+    assert "d" not in h.sched.requests
+    h.step()  # a and b start running; c still has no slot
     with pytest.raises(QueueFull):
-        h.add("c", toks(21, 4))
-    assert "c" not in h.sched.requests
-    h.step()  # a and b start running, which empties the queue
-    h.add("c", toks(21, 4))
-    assert [r.request_id for r in h.sched.waiting] == ["c"]
+        h.add("d", toks(31, 4))
+    h.sched.abort(["a"], FinishReason.ABORT)  # a slot frees: c can take it, d may queue
+    h.add("d", toks(31, 4))
+    assert [r.request_id for r in h.sched.waiting] == ["c", "d"]
 
 
 # ---------------------------------------------------------------------------- abort and failure
