@@ -13,6 +13,7 @@ worker the scheduler does not know is answered with WorkerUnknown, so the worker
 Every send waits at most SEND_TIMEOUT for a stalled peer (a worker or detokenizer that takes
 nothing is then lost, a stats message to a stalled gateway dropped), so the loops that also
 watch liveness never block. Requests never scheduled within --max-queue-time fail with a 503.
+The periodic side (liveness sweep, expiries, stats) is in `service_upkeep.py`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ from protocol.messages import (
     RequestFailed,
     RequestOutput,
     SchedulerInbound,
-    SchedulerStats,
     StageHeartbeat,
     StepResult,
     ToWorker,
@@ -56,21 +56,18 @@ from protocol.messages import (
     WorkerUnknown,
 )
 from protocol.sockets import PullSocket, PushSocket, RouterSocket
-from scheduler_svc.admission import batch_capacity, queued_too_long, waiting_bound
 from scheduler_svc.central import CentralScheduler, NoWorkerReady
 from scheduler_svc.detok_table import DetokTable
 from scheduler_svc.effects import Effects
+from scheduler_svc.service_timing import SEND_TIMEOUT, UNKNOWN_REPLY_INTERVAL
+from scheduler_svc.service_upkeep import ServiceUpkeep
 from scheduler_svc.worker_scheduler import QueueFull, RequestRejected
-from scheduler_svc.worker_slot import DEAD, READY, WorkerSlot
+from scheduler_svc.worker_slot import DEAD, WorkerSlot
 
 log = logging.getLogger("pdserve.scheduler")
-STATS_INTERVAL = 0.5
-EARLY_ABORT_MEMORY = 60.0  # seconds an abort for a not-yet-arrived request is remembered
-UNKNOWN_REPLY_INTERVAL = 1.0  # at most one WorkerUnknown per second per identity
-SEND_TIMEOUT = 1.0  # seconds a send may wait for room at a stalled peer
 
 
-class SchedulerService:
+class SchedulerService(ServiceUpkeep):
     def __init__(
         self, sched: SchedulerSettings, cache: CacheSettings, stage: StageSettings,
         endpoints: Endpoints, seed: int = 0,
@@ -314,92 +311,3 @@ class SchedulerService:
         for client in clients:
             await self._fail(client, 503, "the detokenizer serving this request died")
 
-    # ------------------------------------------------------------------ housekeeping
-
-    async def _housekeeping(self) -> None:
-        while True:
-            await asyncio.sleep(STATS_INTERVAL)
-            now = time.monotonic()
-            for slot in list(self.central.workers.values()):
-                if slot.state != DEAD and now - slot.last_seen > self.stage.liveness_timeout:
-                    await self._declare_dead(slot, "stopped responding")
-            effects = self.central.expire(time.time())
-            await self._apply(effects, check=bool(effects.outputs or effects.messages))
-            if self.sched.max_queue_time is not None:
-                await self._expire_queued(self.sched.max_queue_time)
-            for memory in (self.early_aborts, self.ended):
-                for rid, when in list(memory.items()):
-                    if now - when > EARLY_ABORT_MEMORY:
-                        del memory[rid]
-            self.detoks.prune(now)
-            for identity, when in list(self.unknown_replied.items()):
-                if now - when > 60.0:
-                    del self.unknown_replied[identity]
-            for detok in self.detoks.silent(now, self.stage.liveness_timeout):
-                await self._detok_lost(detok)
-            interval = self.sched.check_integrity_interval
-            if interval > 0 and now - self._last_integrity >= interval:
-                self._last_integrity = now
-                self._check_integrity()
-            await self.gateway.send_within(self.stats(), SEND_TIMEOUT)  # the next one follows
-
-    async def _expire_queued(self, limit: float) -> None:
-        """Fail requests that waited longer than --max-queue-time for their first step."""
-        now = time.time()
-        late = queued_too_long(self.central.workers.values(), limit, now)
-        clients: dict[str, str] = {}
-        for req in late:
-            client = self.detoks.client(req.request_id)
-            clients[client] = (f"the request waited {now - req.arrival_time:.1f} s in the queue, "
-                               f"longer than --max-queue-time {limit:g} s; retry later")
-        for client, message in clients.items():  # first, so the client sees this status
-            await self._fail(client, 503, message, code="queue_timeout")
-        if late:
-            log.warning("%d request(s) waited longer than --max-queue-time %g s", len(late), limit)
-            await self._abort([r.request_id for r in late], FinishReason.ERROR,
-                              "waited longer than --max-queue-time")
-
-    def _cache_info(self, slots: list) -> dict[str, str]:
-        """The KV cache config in vLLM's `cache_config_info` label names."""
-        cache = self.central.cache
-        layout = next((s.hello.kv_layout for s in slots if s.hello.kv_layout is not None), None)
-        return {
-            "block_size": str(cache.block_size),
-            "cache_dtype": layout.dtype if layout is not None else "auto",
-            "enable_prefix_caching": str(cache.enable_prefix_caching),
-            "gpu_memory_utilization": str(cache.memory_utilization),
-            "num_gpu_blocks": str(sum(s.hello.num_kv_blocks for s in slots)),
-            "num_cpu_blocks": "None",
-        }
-
-    def stats(self) -> SchedulerStats:
-        c = self.central
-        live = [s for s in c.workers.values() if s.state == READY]
-        total = sum(s.kv.num_usable_blocks for s in c.workers.values())
-        used = sum(s.kv.num_usable_blocks * s.kv.usage for s in c.workers.values())
-        first = next(iter(c.workers.values()), None)
-        transfers, c.finished_transfers = c.finished_transfers, []
-        phases, c.finished_phases = c.finished_phases, []
-        step_tokens, c.step_tokens = c.step_tokens, []
-        slots = list(c.workers.values())
-        return SchedulerStats(
-            timestamp=time.time(),
-            model=first.hello.model if first else "",
-            max_model_len=min((s.hello.max_model_len for s in live), default=0),
-            num_running=sum(len(s.scheduler.running) for s in slots),
-            num_waiting=sum(len(s.scheduler.waiting) for s in slots),
-            kv_cache_usage=used / total if total else 0.0,
-            prefix_cache_queries=c.total("prefix_cache_queries"),
-            prefix_cache_hits=c.total("prefix_cache_hits"),
-            workers=c.infos(),
-            transfers=transfers,
-            phases=phases,
-            num_migrations=c.num_migrations,
-            num_preemptions=c.total("num_preemptions"),
-            integrity_checks=c.integrity_checks,
-            step_tokens=step_tokens,
-            cache_info=self._cache_info(slots),
-            integrity_failures=self.integrity_failures,
-            max_waiting=waiting_bound(self.sched, slots),
-            batch_capacity=batch_capacity(self.sched, slots),
-        )

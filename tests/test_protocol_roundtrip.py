@@ -1,4 +1,8 @@
-"""Every message survives the codec of its socket, arrays travel as frames, bad input is refused."""
+"""Every message survives the codec of its socket, with its arrays travelling as frames.
+
+Arrays in detail: test_protocol_arrays.py; bad input: test_protocol_bad_input.py; older and
+newer peers: test_protocol_versions.py.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from protocol.codec import INLINE_MAX_BYTES, Codec, CodecError
+from protocol.codec import INLINE_MAX_BYTES, Codec
 from protocol.messages import (
     ALL_MESSAGE_TYPES,
     AbortRequests,
@@ -46,7 +50,6 @@ from protocol.messages import (
     WorkerError,
     WorkerHello,
     WorkerRole,
-    _Msg,
     KVCancel,
     KVChunk,
     KVFetch,
@@ -65,6 +68,8 @@ from protocol.messages import (
 )
 from protocol.sampling import SamplingParams
 from protocol.structured_output import StructuredOutput
+from tests.protocol_helpers import assert_same, small_logprobs
+
 
 UNION_OF: dict[type, Any] = {
     GenerateRequest: TokenizerInbound,
@@ -111,15 +116,6 @@ def big_logprobs(n: int, k: int) -> TokenLogprobs:
         token_ids=rng.integers(0, 50_000, size=(n, k + 1), dtype=np.int64),
         logprobs=rng.standard_normal((n, k + 1)).astype(np.float32),
         ranks=np.arange(1, n + 1, dtype=np.int64),
-    )
-
-
-def small_logprobs() -> TokenLogprobs:
-    """Arrays under the inline threshold: they travel inside the body."""
-    return TokenLogprobs(
-        token_ids=np.array([[5, 6, 7], [8, 9, 10]], dtype=np.int64),
-        logprobs=np.array([[-0.1, -2.0, -3.5], [-0.2, -1.0, -4.0]], dtype=np.float32),
-        ranks=np.array([1, 2], dtype=np.int64),
     )
 
 
@@ -229,26 +225,6 @@ SAMPLES: list[tuple[str, Any]] = [
 ]
 
 
-def assert_same(a: Any, b: Any, path: str = "msg") -> None:
-    """Field-by-field equality; arrays by dtype, shape and content."""
-    if isinstance(a, np.ndarray):
-        assert isinstance(b, np.ndarray), path
-        assert b.dtype == a.dtype, path
-        assert b.shape == a.shape, path
-        assert np.array_equal(a, b), path
-    elif isinstance(a, msgspec.Struct):
-        assert type(b) is type(a), path
-        for name in a.__struct_fields__:
-            assert_same(getattr(a, name), getattr(b, name), f"{path}.{name}")
-    elif isinstance(a, list):
-        assert isinstance(b, list) and len(b) == len(a), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert type(b) is type(a), f"{path}: {type(a)} != {type(b)}"
-        assert b == a, path
-
-
 def count_big_arrays(obj: Any) -> int:
     if isinstance(obj, np.ndarray):
         return int(obj.nbytes > INLINE_MAX_BYTES)
@@ -282,172 +258,3 @@ def test_roundtrip(msg: Any) -> None:
     assert len(frames) == 1 + count_big_arrays(msg)
     decoded = codec.decode(frames)
     assert_same(msg, decoded)
-
-
-def test_big_arrays_travel_as_frames_and_body_stays_small() -> None:
-    n = 100_000
-    ids = np.arange(n, dtype=np.int64)
-    lp = TokenLogprobs(
-        token_ids=np.arange(n * 3, dtype=np.int64).reshape(n, 3),
-        logprobs=np.ones((n, 3), dtype=np.float32),
-        ranks=np.ones(n, dtype=np.int64),
-    )
-    msg = StepResult(1, "w", ["r"], ids, logprobs=lp)
-    frames = Codec(FromWorker).encode(msg)
-    assert len(frames) == 5
-    assert len(frames[0]) < 100  # body: tag, scalars and array references only
-    assert [memoryview(f).nbytes for f in frames[1:]] == [n * 8, n * 3 * 8, n * 3 * 4, n * 8]
-    # zero-copy: the frame is a view of the array's own buffer
-    assert np.shares_memory(np.frombuffer(frames[1], dtype=np.uint8), ids)
-    decoded = Codec(FromWorker).decode([bytes(f) for f in frames])
-    assert_same(msg, decoded)
-
-
-def test_non_contiguous_and_zero_size_arrays() -> None:
-    base = np.arange(2000, dtype=np.int64).reshape(40, 50)
-    lp = TokenLogprobs(
-        token_ids=np.zeros((0, 3), dtype=np.int64),
-        logprobs=np.asfortranarray(np.arange(600, dtype=np.float32).reshape(20, 30)),
-        ranks=np.array(5, dtype=np.int64),  # 0-d
-    )
-    msg = StepResult(1, "w", [], base[:, ::2], logprobs=lp)  # strided: not C-contiguous
-    codec = Codec(FromWorker)
-    assert_same(msg, codec.decode(codec.encode(msg)))
-
-
-def test_decoded_arrays_are_read_only_views() -> None:
-    msg = StepResult(1, "w", ["r"], np.arange(1000, dtype=np.int64))
-    codec = Codec(FromWorker)
-    decoded = codec.decode(codec.encode(msg))
-    assert not decoded.sampled_token_ids.flags.writeable
-
-
-def test_wrong_union_raises_codec_error() -> None:
-    frames = Codec(FromWorker).encode(Heartbeat("w", 1.0))
-    with pytest.raises(CodecError, match="StepPlan | Shutdown"):
-        Codec(ToWorker).decode(frames)
-
-
-def test_encode_refuses_message_of_another_socket() -> None:
-    with pytest.raises(CodecError, match="cannot encode StepPlan"):
-        Codec(FromWorker).encode(StepPlan(1))
-
-
-@pytest.mark.parametrize(
-    "frames",
-    [
-        [b""],
-        [b"\xc1"],
-        [b"garbage that is not msgpack"],
-        [msgspec.msgpack.encode(["nosuchtag", 1])],
-        [msgspec.msgpack.encode(["heartbeat"])],  # missing required fields
-        [msgspec.msgpack.encode(["heartbeat", 5, 1.0])],  # wrong field type
-        [msgspec.msgpack.encode({"t": "heartbeat"})],
-        [],
-    ],
-    ids=["empty", "bad-opcode", "text", "unknown-tag", "missing-fields", "wrong-type", "map",
-         "no-frames"],
-)
-def test_garbage_raises_codec_error(frames: list[bytes]) -> None:
-    with pytest.raises(CodecError):
-        Codec(FromWorker).decode(frames)
-
-
-def _result_with_array(array_ref: Any) -> bytes:
-    return msgspec.msgpack.encode(["result", 1, "w", ["r"], array_ref])
-
-
-@pytest.mark.parametrize(
-    "body, extra, match",
-    [
-        (_result_with_array(["<i8", [4], 1]), [], "refers to frame 1"),
-        (_result_with_array(["<i8", [4], 0]), [], "refers to frame 0"),
-        (_result_with_array(["<i8", [4], 2]), [b"\0" * 32], "refers to frame 2"),
-        (_result_with_array(["<i8", [4], 1]), [b"\0" * 31], "needs 32 bytes, got 31"),
-        (_result_with_array(["<i8", [4], b"\0" * 8]), [], "needs 32 bytes, got 8"),
-        (_result_with_array(["O", [1], b"\0" * 8]), [], "not allowed"),
-        (_result_with_array(["V8", [1], b"\0" * 8]), [], "not allowed"),
-        (_result_with_array(["nonsense", [1], b""]), [], "unknown array dtype"),
-        (_result_with_array(["<i8", [-1], b""]), [], "shape"),
-        (_result_with_array(["<i8", [1]]), [], r"\[dtype, shape, data\]"),
-        (_result_with_array(["<i8", [1], "text"]), [], "bytes or a frame index"),
-        (_result_with_array([8, [1], b"\0" * 8]), [], "dtype must be a string"),
-    ],
-)
-def test_bad_array_references_raise_codec_error(body: bytes, extra: list[bytes], match: str) -> None:
-    with pytest.raises(CodecError, match=match):
-        Codec(FromWorker).decode([body, *extra])
-
-
-def test_object_arrays_are_refused_on_encode() -> None:
-    msg = StepResult(1, "w", [], np.array([object()] * 3))
-    with pytest.raises(CodecError, match="dtype object"):
-        Codec(FromWorker).encode(msg)
-
-
-def test_numpy_scalars_encode_as_python_numbers() -> None:
-    msg = Heartbeat("w", np.float32(1.5))  # type: ignore[arg-type]
-    decoded = Codec(FromWorker).decode(Codec(FromWorker).encode(msg))
-    assert decoded == Heartbeat("w", 1.5) and type(decoded.timestamp) is float
-
-
-def test_default_only_message_is_small() -> None:
-    """Array-like structs carry no field names, so defaults cost a byte or so each.
-
-    msgspec ignores omit_defaults on array_like structs (jcrist/msgspec#720): trailing defaults
-    are still written. This pins that down, so a msgspec that starts trimming them is noticed.
-    """
-    frames = Codec(ToWorker).encode(StepPlan(3))
-    assert frames == [msgspec.msgpack.encode(["step", 3, [], [], []])]
-    assert len(frames[0]) == 10
-    assert len(Codec(ToWorker).encode(Shutdown())[0]) == 11  # ["shutdown", ""]
-    assert len(msgspec.msgpack.encode(SamplingParams())) <= 80
-
-
-class _HeartbeatV0(_Msg, tag="heartbeat"):
-    """Heartbeat as an older peer knew it: identical but for the appended last field."""
-
-    worker_id: str
-
-
-class _HeartbeatV2(_Msg, tag="heartbeat"):
-    """Heartbeat as a newer peer knows it: one more field, an array, appended with a default."""
-
-    worker_id: str
-    timestamp: float
-    load: np.ndarray | None = None
-
-
-class _StepResultV0(_Msg, tag="result"):
-    """StepResult before `execute_seconds` was appended."""
-
-    step_id: int
-    worker_id: str
-    request_ids: list[str]
-    sampled_token_ids: np.ndarray
-    logprobs: TokenLogprobs | None = None
-
-
-def test_decodes_message_without_appended_defaulted_field() -> None:
-    old = _StepResultV0(5, "w", ["a", "b"], np.arange(500, dtype=np.int64),
-                        logprobs=small_logprobs())
-    frames = Codec(_StepResultV0).encode(old)
-    decoded = Codec(FromWorker).decode(frames)
-    assert type(decoded) is StepResult
-    assert decoded.execute_seconds == 0.0
-    assert decoded.step_id == 5 and decoded.request_ids == ["a", "b"]
-    assert np.array_equal(decoded.sampled_token_ids, old.sampled_token_ids)
-    assert_same(old.logprobs, decoded.logprobs)
-
-
-def test_required_field_missing_is_refused() -> None:
-    """Only defaulted fields may be appended: a missing required field is an error."""
-    with pytest.raises(CodecError, match="at least length 3"):
-        Codec(FromWorker).decode(Codec(_HeartbeatV0).encode(_HeartbeatV0("w")))
-
-
-def test_older_decoder_ignores_appended_field_and_its_frame() -> None:
-    new = _HeartbeatV2("w", 2.0, load=np.ones(1000, dtype=np.float32))
-    frames = Codec(_HeartbeatV2).encode(new)
-    assert len(frames) == 2
-    assert Codec(FromWorker).decode(frames) == Heartbeat("w", 2.0)
