@@ -17,6 +17,8 @@ from typing import Callable
 
 import httpx
 
+from pdserve.stack_processes import stack_pids
+
 MODEL = "smollm2-135m"  # the name a module's shared server answers to (--served-model-name)
 
 
@@ -34,29 +36,13 @@ class Server:
     log: Path
 
     def child_pids(self) -> list[int]:
-        """Every live process started for this server (the launcher gives each its run dir)."""
-        needle = f"PDSERVE_RUN_DIR={self.run_dir}"
-        return [int(p.name) for p in Path("/proc").iterdir()
-                if p.name.isdigit() and _has_env(int(p.name), needle) and not is_zombie(int(p.name))]
+        """Every live process started for this server."""
+        return stack_pids(self.run_dir)
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=timeout)
-
-
-def is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def _has_env(pid: int, needle: str) -> bool:
-    try:
-        return needle.encode() in Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return False
 
 
 def wait_until_ready(url: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> bool:

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pdserve.stack_processes import is_zombie
 from tests.reliability_client import LONG_CHAT, metric, wait_for
-from tests.service_fixture import (at_once, free_port, is_zombie, running_server, start_server,
-                                  wait_until_ready)
+from tests.service_fixture import at_once, free_port, running_server, start_server, wait_until_ready
 
 pytestmark = pytest.mark.slow
 CHAT = {**LONG_CHAT, "max_tokens": 400}

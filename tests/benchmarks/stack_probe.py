@@ -24,7 +24,8 @@ import aiohttp
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from pdserve.chaos.client import metric, stack_pids, wait_for  # noqa: E402
+from pdserve.chaos.client import metric, wait_for  # noqa: E402
+from pdserve.stack_processes import stack_pids  # noqa: E402
 from tests.service_fixture import free_port, wait_until_ready  # noqa: E402
 
 BODY = {"messages": [{"role": "user", "content": "Write a short poem about the sea."}],
