@@ -1,4 +1,5 @@
-"""Shared fixtures: the bundled SmolLM2 converted once per test session, and its reference."""
+"""Shared fixtures: the bundled SmolLM2 converted once per test session, its tokenizer, and the
+openai SDK on a module's shared server."""
 
 from __future__ import annotations
 
@@ -20,3 +21,11 @@ def smollm2_tokenizer(smollm2_dir: Path):
     from tokenizer_svc.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(smollm2_dir)
+
+
+@pytest.fixture()
+def client(server):
+    """The openai SDK on the module's `server` fixture (tests.service_fixture.module_server)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)

@@ -7,12 +7,19 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import httpx
+
+from pdserve.stack_processes import stack_pids
+
+MODEL = "smollm2-135m"  # the name a module's shared server answers to (--served-model-name)
 
 
 def free_port() -> int:
@@ -29,29 +36,13 @@ class Server:
     log: Path
 
     def child_pids(self) -> list[int]:
-        """Every live process started for this server (the launcher gives each its run dir)."""
-        needle = f"PDSERVE_RUN_DIR={self.run_dir}"
-        return [int(p.name) for p in Path("/proc").iterdir()
-                if p.name.isdigit() and _has_env(int(p.name), needle) and not _is_zombie(int(p.name))]
+        """Every live process started for this server."""
+        return stack_pids(self.run_dir)
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=timeout)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def _has_env(pid: int, needle: str) -> bool:
-    try:
-        return needle.encode() in Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return False
 
 
 def wait_until_ready(url: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> bool:
@@ -88,6 +79,52 @@ def start_server(model_dir: Path, tmp: Path, *extra: str, ready_timeout: float =
         raise RuntimeError(f"pdserve up exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
     proc.kill()
     raise RuntimeError(f"pdserve up not ready in {ready_timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@contextmanager
+def running_server(model_dir: Path, tmp: Path, *extra: str) -> Iterator[Server]:
+    """A started server for one test; on the way out it is stopped, and must exit with status 0."""
+    srv = start_server(model_dir, tmp, *extra)
+    try:
+        yield srv
+    finally:
+        code = srv.stop()
+    assert code == 0, f"pdserve up exited with {code}"
+
+
+def module_server(tmp_name: str, *flags: str):
+    """A module-scoped pytest fixture `server`: one `pdserve up` on SmolLM2 serving as MODEL with
+    `flags`, shared by the module's tests and stopped after them. (pytest is imported here, not at
+    the top: the GPU benchmarks import this module on machines without it.)"""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def server(smollm2_dir, tmp_path_factory):
+        srv = start_server(smollm2_dir, tmp_path_factory.mktemp(tmp_name), "--served-model-name", MODEL,
+                           *flags)
+        yield srv
+        srv.stop()
+
+    return server
+
+
+def at_once(n: int, call: Callable[[], object], join_timeout: float | None = None) -> list:
+    """Run `call` in `n` threads started together; what each returned, in the order they finished
+    (a thread still running after `join_timeout` adds nothing)."""
+    results: list = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        value = call()
+        with lock:
+            results.append(value)
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(join_timeout)
+    return results
 
 
 def stream_chats(url: str, model: str, conversations: list[list[dict]], max_tokens: int) -> list[tuple[str, int]]:

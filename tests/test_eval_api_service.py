@@ -22,18 +22,11 @@ import openai
 import pytest
 import torch
 
-from tests.service_fixture import start_server
+from tests.service_fixture import MODEL, module_server
 
 pytestmark = pytest.mark.slow
-MODEL = "smollm2-135m"
-
-
-@pytest.fixture(scope="module")
-def server(smollm2_dir, tmp_path_factory):
-    srv = start_server(smollm2_dir, tmp_path_factory.mktemp("srv"), "--served-model-name", MODEL,
-                       "--metrics-prefix", "vllm", "--block-size", "4", "--max-num-batched-tokens", "16")
-    yield srv
-    srv.stop()
+server = module_server("srv", "--metrics-prefix", "vllm", "--block-size", "4",
+                       "--max-num-batched-tokens", "16")
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +34,6 @@ def hf_model(smollm2_dir: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
-
-
-@pytest.fixture()
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
 
 def hf_logprobs(model, ids: list[int]) -> torch.Tensor:

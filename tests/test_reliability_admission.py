@@ -4,39 +4,28 @@ longer than --max-queue-time fails with a clear 503; the stack is empty again af
 
 from __future__ import annotations
 
-import threading
 import time
 
 import httpx
 import pytest
 
-from tests.reliability_client import metric, wait_for
-from tests.service_fixture import start_server
+from tests.reliability_client import LONG_CHAT, metric, wait_for
+from tests.service_fixture import at_once, running_server
 
 pytestmark = pytest.mark.slow
-BODY = {"messages": [{"role": "user", "content": "Tell me a long story about dragons."}],
-        "max_tokens": 100, "ignore_eos": True}
+BODY = {**LONG_CHAT, "max_tokens": 100}
 
 
 def test_429_at_the_door_and_queue_timeout(smollm2_dir, tmp_path):
     # One runs at a time (100 tokens: longer than the queue time on any machine), two may wait.
-    srv = start_server(smollm2_dir, tmp_path, "--max-num-seqs", "1", "--max-num-batched-tokens", "64",
-                       "--max-waiting-requests", "2", "--max-queue-time", "1")
-    try:
-        results: list[tuple[int, float, dict, httpx.Headers]] = []
-        lock = threading.Lock()
-
-        def fire():
+    with running_server(smollm2_dir, tmp_path, "--max-num-seqs", "1", "--max-num-batched-tokens", "64",
+                        "--max-waiting-requests", "2", "--max-queue-time", "1") as srv:
+        def fire() -> tuple[int, float, dict, httpx.Headers]:
             started = time.monotonic()
             r = httpx.post(f"{srv.url}/v1/chat/completions", json=BODY, timeout=240)
-            with lock:
-                results.append((r.status_code, time.monotonic() - started, r.json(), r.headers))
+            return r.status_code, time.monotonic() - started, r.json(), r.headers
 
-        threads = [threading.Thread(target=fire) for _ in range(12)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(240)
+        results = at_once(12, fire, join_timeout=240)
         by_status: dict[int, list] = {}
         for res in results:
             by_status.setdefault(res[0], []).append(res)
@@ -58,5 +47,3 @@ def test_429_at_the_door_and_queue_timeout(smollm2_dir, tmp_path):
                         and metric(srv.url, "pdserve:num_requests_waiting") == 0, 10)
         r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=60)
         assert r.status_code == 200
-    finally:
-        assert srv.stop() == 0

@@ -7,31 +7,22 @@ engine on the same model for greedy outputs.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 
 from protocol.config import CacheSettings, ModelSettings, SchedulerSettings
 from protocol.sampling import SamplingParams
 from pdserve.offline_engine import OfflineEngine, make_request
-from tests.service_fixture import start_server, stream_chats
+from tests.reliability_client import metric
+from tests.service_fixture import MODEL, module_server, stream_chats
 
 pytestmark = pytest.mark.slow
-MODEL = "smollm2-135m"
-
-
-@pytest.fixture(scope="module")
-def server(smollm2_dir, tmp_path_factory):
-    srv = start_server(smollm2_dir, tmp_path_factory.mktemp("srv"), "--served-model-name", MODEL,
-                       "--tokenizers", "2", "--detokenizers", "2", "--max-num-seqs", "48")
-    yield srv
-    srv.stop()
+server = module_server("srv", "--tokenizers", "2", "--detokenizers", "2", "--max-num-seqs", "48")
 
 
 @pytest.fixture(scope="module")
@@ -40,23 +31,11 @@ def offline(smollm2_dir):
                          SchedulerSettings())
 
 
-@pytest.fixture()
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-
-
 def offline_texts(offline, tokenizer, questions, max_tokens):
     reqs = [make_request(f"q{i}", tokenizer.apply_chat_template([{"role": "user", "content": q}]),
                          SamplingParams(max_tokens=max_tokens, temperature=0.0), tokenizer.eos_token_ids)
             for i, q in enumerate(questions)]
     return [(tokenizer.decode(c.token_ids), len(c.token_ids)) for c in offline.generate(reqs)]
-
-
-def metric(server, name: str) -> float:
-    text = httpx.get(f"{server.url}/metrics").text
-    m = re.search(rf"^{re.escape(name)}{{[^}}]*}} ([0-9.e+-]+)$", text, re.M)
-    assert m, f"{name} not in /metrics"
-    return float(m.group(1))
 
 
 def test_health_ready_models_workers(server, client):
@@ -156,11 +135,12 @@ def test_abort_on_disconnect_frees_kv_blocks(server):
         httpx.post(f"{server.url}/v1/chat/completions", json={**body, "stream": False}, timeout=1.5)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        if metric(server, "pdserve:kv_cache_usage_perc") == 0.0 and metric(server, "pdserve:num_requests_running") == 0:
+        if (metric(server.url, "pdserve:kv_cache_usage_perc") == 0.0
+                and metric(server.url, "pdserve:num_requests_running") == 0):
             break
         time.sleep(0.3)
-    assert metric(server, "pdserve:kv_cache_usage_perc") == 0.0
-    assert metric(server, "pdserve:num_requests_running") == 0.0
+    assert metric(server.url, "pdserve:kv_cache_usage_perc") == 0.0
+    assert metric(server.url, "pdserve:num_requests_running") == 0.0
 
 
 BAD = [
@@ -205,7 +185,7 @@ def test_metrics_are_exported(server, client):
                  "prefix_cache_hit_rate", "prompt_tokens_total", "generation_tokens_total",
                  "request_success_total"):
         assert f"pdserve:{name}" in text, name
-    assert metric(server, "pdserve:generation_tokens_total") >= 3
+    assert metric(server.url, "pdserve:generation_tokens_total") >= 3
     assert 'finished_reason="length"' in text
 
 

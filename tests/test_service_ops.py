@@ -13,17 +13,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service_fixture import free_port, start_server, wait_until_ready
+from pdserve.stack_processes import is_zombie
+from tests.reliability_client import LONG_CHAT, metric, wait_for
+from tests.service_fixture import at_once, free_port, running_server, start_server, wait_until_ready
 
 pytestmark = pytest.mark.slow
-CHAT = {"messages": [{"role": "user", "content": "Tell me a long story about dragons."}],
-        "max_tokens": 400, "ignore_eos": True}
+CHAT = {**LONG_CHAT, "max_tokens": 400}
 
 
 def test_api_key_overload_and_clean_shutdown(smollm2_dir, tmp_path):
-    srv = start_server(smollm2_dir, tmp_path, "--api-key", "s3cret", "--max-num-seqs", "1",
-                       "--max-waiting-requests", "1", "--max-num-batched-tokens", "64")
-    try:
+    with running_server(smollm2_dir, tmp_path, "--api-key", "s3cret", "--max-num-seqs", "1",
+                        "--max-waiting-requests", "1", "--max-num-batched-tokens", "64") as srv:
         url = f"{srv.url}/v1/chat/completions"
         assert httpx.post(url, json=CHAT).status_code == 401
         assert httpx.post(url, json=CHAT, headers={"authorization": "Bearer wrong"}).status_code == 401
@@ -32,28 +32,21 @@ def test_api_key_overload_and_clean_shutdown(smollm2_dir, tmp_path):
         assert httpx.get(f"{srv.url}/health").status_code == 200  # no key for health checks
 
         auth = {"authorization": "Bearer s3cret"}
-        statuses: list[tuple[int, str | None]] = []
 
-        def fire():  # all 8 arrive at once: short requests still overlap, and finish on a slow CPU
+        # All 8 arrive at once: short requests still overlap, and finish on a slow CPU.
+        def fire() -> tuple[int, str | None]:
             resp = httpx.post(url, json={**CHAT, "max_tokens": 40}, headers=auth, timeout=120)
-            statuses.append((resp.status_code, resp.headers.get("retry-after")))
+            return resp.status_code, resp.headers.get("retry-after")
 
-        threads = [threading.Thread(target=fire) for _ in range(8)]
         started = time.monotonic()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        statuses = at_once(8, fire)
         refused = [s for s in statuses if s[0] == 429]
         assert refused and all(ra is not None for _, ra in refused), statuses
         assert any(s == 200 for s, _ in statuses), statuses
         assert time.monotonic() - started < 120
         pids = srv.child_pids()
         assert len(pids) == 5  # scheduler, worker, tokenizer, detokenizer, gateway
-    finally:
-        code = srv.stop()
-    assert code == 0
-    assert not [p for p in pids if Path(f"/proc/{p}").exists() and not _zombie(p)]
+    assert not [p for p in pids if Path(f"/proc/{p}").exists() and not is_zombie(p)]
     assert not srv.child_pids()
     assert not list(srv.run_dir.glob("*.sock"))
 
@@ -69,10 +62,8 @@ def test_request_timeout_then_launcher_stops_everything_when_a_child_dies(smollm
             assert r.status_code == 200 and "timed out" in r.text and r.text.endswith("data: [DONE]\n\n")
         else:
             assert r.status_code == 503 and "timed out" in r.json()["error"]["message"]
-    deadline = time.monotonic() + 10
-    while (usage := _gauge(srv.url, "pdserve:kv_cache_usage_perc")) != 0.0 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert usage == 0.0  # the aborted requests' blocks are back
+    # The aborted requests' blocks are back.
+    assert wait_for(lambda: metric(srv.url, "pdserve:kv_cache_usage_perc") == 0.0, 10)
     workers = [p for p in srv.child_pids() if b"worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
     assert len(workers) == 1
     os.kill(workers[0], signal.SIGKILL)
@@ -82,20 +73,6 @@ def test_request_timeout_then_launcher_stops_everything_when_a_child_dies(smollm
     assert "worker-0" in log and "exited" in log
     time.sleep(0.5)
     assert not srv.child_pids()
-
-
-def _gauge(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not exported")
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def test_stages_run_alone_and_a_dead_worker_fails_its_requests(smollm2_dir, tmp_path):
@@ -146,9 +123,8 @@ def test_stages_run_alone_and_a_dead_worker_fails_its_requests(smollm2_dir, tmp_
 
 
 def test_one_dead_worker_of_two_is_not_fatal_and_restart_workers_brings_it_back(smollm2_dir, tmp_path):
-    srv = start_server(smollm2_dir, tmp_path, "--workers", "2", "--restart-workers",
-                       "--heartbeat-interval", "0.5", "--liveness-timeout", "3")
-    try:
+    with running_server(smollm2_dir, tmp_path, "--workers", "2", "--restart-workers",
+                        "--heartbeat-interval", "0.5", "--liveness-timeout", "3") as srv:
         def by_id():
             return {w["id"]: w for w in httpx.get(f"{srv.url}/workers").json()}
 
@@ -169,5 +145,3 @@ def test_one_dead_worker_of_two_is_not_fatal_and_restart_workers_brings_it_back(
         assert by_id()["worker-0"]["state"] == "ready" and by_id()["worker-0"]["pid"] != old_pid
         assert srv.proc.poll() is None
         assert "restarting it" in srv.log.read_text()
-    finally:
-        assert srv.stop() == 0

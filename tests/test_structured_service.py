@@ -9,10 +9,10 @@ import jsonschema
 import openai
 import pytest
 
-from tests.service_fixture import start_server
+from tests.service_fixture import MODEL, module_server
 
 pytestmark = pytest.mark.slow
-MODEL = "smollm2-135m"
+server = module_server("structured", "--max-num-seqs", "16")
 
 PERSON = {
     "type": "object",
@@ -39,19 +39,6 @@ TIME = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"timezone": {"type": "string", "maxLength": 40}},
                    "required": ["timezone"], "additionalProperties": False}}}
 ASK = [{"role": "user", "content": "What is the weather like in Paris and what time is it in Tokyo?"}]
-
-
-@pytest.fixture(scope="module")
-def server(smollm2_dir, tmp_path_factory):
-    srv = start_server(smollm2_dir, tmp_path_factory.mktemp("structured"), "--served-model-name", MODEL,
-                       "--max-num-seqs", "16")
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture()
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
 
 def _chat(client, **kw):

@@ -9,21 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from pdserve.stack_processes import live_pids_with_env
+
 pytestmark = pytest.mark.slow
 
 
 def sweep_pids() -> list[int]:
     """Processes of any stack a sweep started (their environment names a pdserve-sweep- run dir)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if b"PDSERVE_RUN_DIR=" in (env := (entry / "environ").read_bytes()) and b"pdserve-sweep-" in env:
-                    if (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z":
-                        pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
+    return live_pids_with_env(b"PDSERVE_RUN_DIR=", b"pdserve-sweep-")
 
 
 def test_a_small_sweep_writes_results_table_and_plots_and_resumes(smollm2_dir: Path, tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """The client side of fault injection: streams read to their end with how each ended, a steady
-streaming load, and the processes of a stack started by `pdserve up`."""
+streaming load, and polling the server's state (its stack's processes: pdserve.stack_processes)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
+
 
 @dataclass
 class StreamOutcome:
@@ -102,19 +102,6 @@ def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
     return predicate()
 
 
-def stage_pids(pids: list[int], stage: str) -> list[int]:
-    """Of `pids`, the processes running `pdserve <stage>`."""
-    out = []
-    for pid in pids:
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if stage.encode() in argv:
-            out.append(pid)
-    return out
-
-
 class StreamLoad:
     """`concurrency` clients, each streaming one request after another until stopped; every
     outcome is kept, with when it started and ended."""
@@ -145,18 +132,3 @@ class StreamLoad:
 
     def in_flight_at(self, moment: float) -> list[StreamOutcome]:
         return [o for o in self.outcomes if o.started_at <= moment and (o.ended_at is None or o.ended_at > moment)]
-
-
-def stack_pids(run_dir: Path | str) -> list[int]:
-    """Live processes started by `pdserve up --run-dir run_dir` (each child has it in its env)."""
-    needle = f"PDSERVE_RUN_DIR={run_dir}".encode()
-    out = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            if needle in (p / "environ").read_bytes() and (p / "stat").read_text().split(")")[-1].split()[0] != "Z":
-                out.append(int(p.name))
-        except OSError:
-            continue
-    return out

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import httpx
 
-from pdserve.chaos.client import stack_pids, wait_for
+from pdserve.chaos.client import wait_for
 from pdserve.chaos.runner import ACTIONS, STAGES, ChaosRun
+from pdserve.stack_processes import stack_pids
 
 DEFAULT_UP_ARGS = ("--tokenizers 2 --detokenizers 2 --workers 2 --restart-workers "
                    "--heartbeat-interval 0.5 --liveness-timeout 3 --check-integrity-interval 1")

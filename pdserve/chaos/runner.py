@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
-from pdserve.chaos.client import StreamLoad, StreamOutcome, metric, read_stream, stage_pids, wait_for
+from pdserve.chaos.client import StreamLoad, StreamOutcome, metric, read_stream, wait_for
+from pdserve.stack_processes import stage_pids
 
 BODY = {"messages": [{"role": "user", "content": "Count from one to twenty."}], "max_tokens": 12,
         "ignore_eos": True, "temperature": 0, "stream_options": {"include_usage": True}}

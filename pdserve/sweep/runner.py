@@ -28,6 +28,7 @@ from pdserve.bench import server_phases
 from pdserve.bench.client import ENDPOINT_PATHS, RequestRecord, build_payload, send_request, stream_session
 from pdserve.bench.datasets import BenchRequest, random_requests, shared_prefix_requests, sharegpt_requests
 from pdserve.bench.runner import poisson_arrival_times, run_schedule
+from pdserve.stack_processes import stack_pids
 from pdserve.sweep.experiment import Experiment, Layout
 
 
@@ -91,28 +92,11 @@ def stop_stack(stack: Stack, timeout: float = 60.0) -> list[int]:
             os.killpg(stack.proc.pid, signal.SIGKILL)
             stack.proc.wait()
     deadline = time.monotonic() + 10
-    while (left := stack_pids(stack)) and time.monotonic() < deadline:
+    while (left := stack_pids(stack.run_dir)) and time.monotonic() < deadline:
         time.sleep(0.2)
     if stack.run_dir is not None:
         shutil.rmtree(stack.run_dir, ignore_errors=True)
     return left
-
-
-def stack_pids(stack: Stack) -> list[int]:
-    """Live processes whose environment names this stack's run directory."""
-    needle = f"PDSERVE_RUN_DIR={stack.run_dir}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes():
-                state = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0]
-                if state != "Z":
-                    pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
 
 
 def build_workload(exp: Experiment, seed: int) -> list[BenchRequest]:

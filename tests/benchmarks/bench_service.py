@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
-import signal
 import statistics
 import subprocess
 import sys
@@ -28,9 +26,7 @@ from pathlib import Path
 
 import aiohttp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
-from quiet_machine import git_state, machine_info  # noqa: E402 (beside this script)
-from tests.service_fixture import free_port, wait_until_ready  # noqa: E402
+from bench_stack import save_result, served  # beside this script
 
 TOPICS = ["the sea", "volcanoes", "bread", "chess", "the moon", "bees", "trains", "rain",
           "coffee", "maps", "owls", "glass", "rivers", "music", "snow", "bridges"]
@@ -93,18 +89,8 @@ async def _load(url: str, questions: list[str], max_tokens: int) -> dict:
 
 
 def run_service(questions: list[str], max_tokens: int, extra: list[str], workdir: Path) -> dict:
-    port = free_port()
-    cmd = [sys.executable, "-m", "pdserve.cli", "up", "--port", str(port), *extra]
-    log = (workdir / "up.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        if not wait_until_ready(url, 300, alive=lambda: proc.poll() is None):
-            raise RuntimeError((workdir / "up.log").read_text()[-2000:])
+    with served(extra, workdir / "up.log", ready_timeout=300, stop_timeout=60) as (url, cmd):
         load = asyncio.run(_load(url, questions, max_tokens))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
     return {"command": " ".join(cmd[1:]), **load}
 
 
@@ -128,17 +114,11 @@ def main() -> int:
                   f"{service['tokens_per_second']:7.1f} tok/s ({service['generated_tokens']} tokens, "
                   f"{service['worker_steps']} steps), ratio {ratio:.3f}", flush=True)
     ratio = statistics.median(r["ratio"] for r in rounds)
-    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join([sys.executable, *sys.argv]), "num_prompts": args.num_prompts,
-              "max_tokens": args.max_tokens, "rounds": rounds,
-              "ratio_service_over_offline": round(ratio, 3),
-              "offline_tokens_per_second_median": statistics.median(
-                  r["offline"]["tokens_per_second"] for r in rounds),
-              "service_tokens_per_second_median": statistics.median(
-                  r["service"]["tokens_per_second"] for r in rounds),
-              "git": git_state(Path(__file__).resolve().parents[2]), "machine": machine_info()}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=1))
+    save_result(args.output, {
+        "num_prompts": args.num_prompts, "max_tokens": args.max_tokens, "rounds": rounds,
+        "ratio_service_over_offline": round(ratio, 3),
+        "offline_tokens_per_second_median": statistics.median(r["offline"]["tokens_per_second"] for r in rounds),
+        "service_tokens_per_second_median": statistics.median(r["service"]["tokens_per_second"] for r in rounds)})
     print(f"median ratio service/offline over {len(rounds)} rounds: {ratio:.3f} "
           f"(rounds: {', '.join(str(r['ratio']) for r in rounds)})")
     return 0

@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,12 +39,9 @@ try:  # validates every complete answer; without it (a bare GPU image) answers a
 except ImportError:
     jsonschema = None
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
-from quiet_machine import git_state, machine_info  # noqa: E402
+from bench_stack import REPO, save_result, served  # noqa: E402 (puts REPO on sys.path)
 from synthetic_model import write_model_dir  # noqa: E402
-from tests.service_fixture import free_port, wait_until_ready  # noqa: E402
 
 STR = {"type": "string", "maxLength": 24}
 SCHEMAS = [
@@ -96,14 +90,19 @@ async def _post(client: aiohttp.ClientSession, url: str, body: dict) -> dict:
         return await r.json()
 
 
+async def timed_posts(url: str, bodies: list[dict]) -> tuple[float, list[dict]]:
+    """Every body sent at once; seconds from the first request to the last response, and the answers."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as client:
+        start = time.perf_counter()
+        answers = await asyncio.gather(*(_post(client, url, b) for b in bodies))
+        return time.perf_counter() - start, answers
+
+
 async def constrained_load(url: str, n: int, max_tokens: int) -> tuple[float, list[int], list[int]]:
     bodies = [{"messages": [{"role": "user", "content": prompt(i)}], "max_tokens": max_tokens,
                "temperature": 0.7, "seed": i, "response_format": {"type": "json_schema", "json_schema": {
                    "name": f"s{i % 4}", "strict": True, "schema": SCHEMAS[i % 4]}}} for i in range(n)]
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as client:
-        start = time.perf_counter()
-        answers = await asyncio.gather(*(_post(client, url, b) for b in bodies))
-        seconds = time.perf_counter() - start
+    seconds, answers = await timed_posts(url, bodies)
     lengths, complete = [], []
     for i, a in enumerate(answers):
         choice = a["choices"][0]
@@ -119,10 +118,7 @@ async def constrained_load(url: str, n: int, max_tokens: int) -> tuple[float, li
 async def free_load(url: str, lengths: list[int]) -> tuple[float, list[int]]:
     bodies = [{"messages": [{"role": "user", "content": prompt(i)}], "max_tokens": n, "min_tokens": n,
                "ignore_eos": True, "temperature": 0.7, "seed": i} for i, n in enumerate(lengths)]
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as client:
-        start = time.perf_counter()
-        answers = await asyncio.gather(*(_post(client, url, b) for b in bodies))
-        seconds = time.perf_counter() - start
+    seconds, answers = await timed_posts(url, bodies)
     return seconds, [a["usage"]["completion_tokens"] for a in answers]
 
 
@@ -168,16 +164,9 @@ def main() -> int:
                                   args.compile_repeats)
     print(f"compile: {compile_stats}", flush=True)
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "pdserve.cli", "up", "--port", str(port), "--device", args.device,
-           *model_flags, *args.extra]
-    log = (workdir / "up.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     rounds = []
-    try:
-        if not wait_until_ready(url, 900, alive=lambda: proc.poll() is None):
-            raise SystemExit((workdir / "up.log").read_text()[-3000:])
+    with served(["--device", args.device, *model_flags, *args.extra], workdir / "up.log", ready_timeout=900,
+                stop_timeout=120, log_tail=3000, not_ready=SystemExit, cwd=REPO) as (url, cmd):
         asyncio.run(constrained_load(url, 2, 16))  # warm-up: grammar tokenizer, first steps
         lengths = None
         for r in range(args.rounds):
@@ -199,17 +188,10 @@ def main() -> int:
             result["ratio"] = round(result["constrained"]["tok_s"] / result["free"]["tok_s"], 3)
             rounds.append(result)
             print(f"round {r + 1}: {json.dumps(result)}", flush=True)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
     ratio = statistics.median(r["ratio"] for r in rounds)
-    summary = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "command": " ".join([sys.executable, *sys.argv]), "server": " ".join(cmd[3:]),
-               "num_requests": args.num_requests, "output_lengths": lengths, "compile": compile_stats,
-               "rounds": rounds, "ratio_constrained_over_free": ratio,
-               "git": git_state(REPO), "machine": machine_info()}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(summary, indent=1))
+    save_result(args.output, {"server": " ".join(cmd[3:]), "num_requests": args.num_requests,
+                              "output_lengths": lengths, "compile": compile_stats, "rounds": rounds,
+                              "ratio_constrained_over_free": ratio})
     print(f"median constrained/free throughput ratio over {len(rounds)} rounds: {ratio:.3f}; "
           f"compile p50 {compile_stats['p50_ms']} ms, p99 {compile_stats['p99_ms']} ms")
     return 0

@@ -1,16 +1,22 @@
-"""Shared by overload.py and soak.py: start a `pdserve up` stack, sample every process's RSS, and
-stream chat completions from many asyncio clients, recording how each ended."""
+"""Shared by overload.py and soak.py: start a `pdserve up` stack, sample every process's RSS,
+stream chat completions from many asyncio clients, recording how each ended, and report a run."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import datetime as dt
 import json
+import os
+import platform
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +24,8 @@ import aiohttp
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from pdserve.chaos.client import metric, stack_pids, wait_for  # noqa: E402
+from pdserve.chaos.client import metric, wait_for  # noqa: E402
+from pdserve.stack_processes import stack_pids  # noqa: E402
 from tests.service_fixture import free_port, wait_until_ready  # noqa: E402
 
 BODY = {"messages": [{"role": "user", "content": "Write a short poem about the sea."}],
@@ -162,6 +169,24 @@ async def run_load(url: str, clients: int, seconds: float, max_tokens: int, hono
     return load
 
 
+@dataclass
+class LoadRun:
+    """One load's outcomes, when it ran (monotonic) and how long the stack took to settle after."""
+
+    load: Load
+    started: float
+    ended: float
+    settled_s: float | None
+
+
+def load_then_settle(stack: Stack, clients: int, seconds: float, max_tokens: int,
+                     honour_retry: bool, settle_timeout: float) -> LoadRun:
+    started = time.monotonic()
+    load = asyncio.run(run_load(stack.url, clients, seconds, max_tokens, honour_retry=honour_retry))
+    ended = time.monotonic()
+    return LoadRun(load, started, ended, settled(stack.url, settle_timeout))
+
+
 def pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -178,6 +203,15 @@ def settled(url: str, timeout: float) -> float | None:
     return round(time.monotonic() - start, 2) if ok else None
 
 
+def p50_p99(values: list[float]) -> dict[str, float | None]:
+    return {"p50": pct(values, 50), "p99": pct(values, 99)}
+
+
+def outcome_counts(load: Load) -> dict[str, int]:
+    """How many requests ended with each HTTP status (-1: a client error)."""
+    return dict(Counter(str(o.status) for o in load.outcomes))
+
+
 def probe(url: str) -> tuple[int, float]:
     started = time.monotonic()
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "max_tokens": 4}, timeout=120)
@@ -189,3 +223,31 @@ def save(out: Path | None, result: dict) -> None:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags every stack probe takes last: where to save the result, extra `pdserve up` flags."""
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("flags", nargs="*", help="extra pdserve up flags (after --)")
+
+
+def run_header(script: str, stack: Stack) -> dict:
+    """When, where and with which commands a result was measured."""
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs",
+        "command": f"python tests/benchmarks/{script} " + " ".join(sys.argv[1:]),
+        "stack": " ".join(stack.command),
+    }
+
+
+def measure_and_save(flags: list[str], measure: Callable[[Stack], dict], out: Path | None) -> None:
+    """Start a stack, measure it, stop it (also when measuring fails), then print and save the
+    result with the stack's exit status."""
+    stack = start_stack(flags)
+    try:
+        result = measure(stack)
+    finally:
+        code = stack.stop()
+    result["stack_exit_status"] = code
+    save(out, result)
