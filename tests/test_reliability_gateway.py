@@ -19,6 +19,19 @@ pytestmark = pytest.mark.slow
 LIVENESS = ("--heartbeat-interval", "0.5", "--liveness-timeout", "3")
 
 
+def start_plain(url: str, body: dict, timeout: float = 60) -> tuple[dict, threading.Thread]:
+    """A non-streamed chat request in a thread; its status and JSON body land in the dict."""
+    plain: dict = {}
+
+    def non_stream() -> None:
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=timeout)
+        plain["status"], plain["body"] = r.status_code, r.json()
+
+    waiter = threading.Thread(target=non_stream)
+    waiter.start()
+    return plain, waiter
+
+
 @pytest.fixture(scope="module")
 def one_slot(smollm2_dir, tmp_path_factory):
     """One sequence at a time: a second request waits in the queue while the first runs."""
@@ -52,14 +65,7 @@ def test_a_stalled_scheduler_ends_open_requests_with_errors_and_recovers(one_slo
     url = one_slot.url
     streamed, thread = start_stream(url, LONG_CHAT)
     assert wait_for(lambda: len(streamed.tokens) > 2, 180), streamed
-    plain: dict = {}
-
-    def non_stream():
-        r = httpx.post(f"{url}/v1/chat/completions", json=LONG_CHAT, timeout=60)
-        plain["status"], plain["body"] = r.status_code, r.json()
-
-    waiter = threading.Thread(target=non_stream)
-    waiter.start()
+    plain, waiter = start_plain(url, LONG_CHAT)
     time.sleep(0.5)
     scheduler = stage_pids(one_slot.child_pids(), "scheduler")
     assert len(scheduler) == 1
@@ -95,14 +101,7 @@ def test_a_dead_scheduler_ends_every_open_request_in_words(smollm2_dir, tmp_path
     try:
         streamed, thread = start_stream(srv.url, LONG_CHAT)
         queued, queued_thread = start_stream(srv.url, LONG_CHAT)  # waits behind the first
-        plain: dict = {}
-
-        def non_stream():
-            r = httpx.post(f"{srv.url}/v1/chat/completions", json=LONG_CHAT, timeout=60)
-            plain["status"], plain["body"] = r.status_code, r.json()
-
-        waiter = threading.Thread(target=non_stream)
-        waiter.start()
+        plain, waiter = start_plain(srv.url, LONG_CHAT)
         assert wait_for(lambda: len(streamed.tokens) > 2, 180), streamed
         scheduler = stage_pids(srv.child_pids(), "scheduler")
         killed = time.monotonic()
