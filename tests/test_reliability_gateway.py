@@ -32,6 +32,12 @@ def start_plain(url: str, body: dict, timeout: float = 60) -> tuple[dict, thread
     return plain, waiter
 
 
+def queue_state(srv) -> str:
+    """What the stack is doing, for a failed wait's message: running and waiting counts, log tail."""
+    counts = {name: metric(srv.url, f"pdserve:num_requests_{name}") for name in ("running", "waiting")}
+    return f"{counts}; server log ends:\n{srv.log.read_text()[-2000:]}"
+
+
 @pytest.fixture(scope="module")
 def one_slot(smollm2_dir, tmp_path_factory):
     """One sequence at a time: a second request waits in the queue while the first runs."""
@@ -90,19 +96,18 @@ def test_a_stalled_scheduler_ends_open_requests_with_errors_and_recovers(one_slo
     assert wait_for(lambda: metric(url, "pdserve:kv_cache_usage_perc") == 0.0, 10)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open bug (issue 13): in one CI run of 0058454 on an idle machine the first stream of this "
-    "stack (--max-num-seqs 1, short liveness) got no token in 120 s and nothing was logged; "
-    "it passed in the run before. Kept running (an XPASS is the usual outcome) until the hang "
-    "is found."))
 def test_a_dead_scheduler_ends_every_open_request_in_words(smollm2_dir, tmp_path):
     srv = start_server(smollm2_dir, tmp_path, "--max-num-seqs", "1", "--max-num-batched-tokens", "64",
                        "--max-waiting-requests", "4", *LIVENESS)  # two wait behind the running one
     try:
         streamed, thread = start_stream(srv.url, LONG_CHAT)
-        queued, queued_thread = start_stream(srv.url, LONG_CHAT)  # waits behind the first
+        # The others only once it runs: clients started together reach the gateway in any order,
+        # and the one slot goes to whichever came first (FCFS), maybe for all its 2000 tokens.
+        assert wait_for(lambda: len(streamed.tokens) > 2, 180), (streamed, queue_state(srv))
+        queued, queued_thread = start_stream(srv.url, LONG_CHAT)
         plain, waiter = start_plain(srv.url, LONG_CHAT)
-        assert wait_for(lambda: len(streamed.tokens) > 2, 180), streamed
+        assert wait_for(lambda: metric(srv.url, "pdserve:num_requests_waiting") == 2, 30), (
+            streamed, queued, plain, queue_state(srv))
         scheduler = stage_pids(srv.child_pids(), "scheduler")
         killed = time.monotonic()
         os.kill(scheduler[0], signal.SIGKILL)
@@ -112,6 +117,7 @@ def test_a_dead_scheduler_ends_every_open_request_in_words(smollm2_dir, tmp_path
         for outcome in (streamed, queued):
             assert outcome.clean and outcome.errors, outcome  # an error event and [DONE], no cut
             assert outcome.ended_at - killed < 15
+        assert not queued.tokens, queued  # it was still waiting
         assert plain["status"] >= 500 and plain["body"]["error"]["message"], plain
         assert srv.proc.wait(timeout=30) == 1  # the scheduler is fatal: the launcher stops
     finally:
