@@ -38,3 +38,14 @@ async def join_worker(ctx: zmq.asyncio.Context, endpoints: Endpoints, worker_id:
     reply = await asyncio.wait_for(worker.recv(), REPLY_WAIT)
     assert isinstance(reply, WorkerAccepted), reply
     return worker
+
+
+async def stop(service_ctx: zmq.asyncio.Context, *tasks: asyncio.Task) -> None:
+    """Cancel the service's task and the test's helpers. A service stuck in a send that never
+    returns (an unbounded send to a peer that takes nothing) has its sockets destroyed after a
+    few seconds, so a failing test fails instead of hanging."""
+    for task in tasks:
+        task.cancel()
+    _, stuck = await asyncio.wait(tasks, timeout=5)
+    if stuck:
+        service_ctx.destroy(linger=0)

@@ -16,7 +16,7 @@ from protocol.sockets import PullSocket
 from scheduler_svc.scheduler_process import STATS_INTERVAL, SchedulerService
 from scheduler_svc.worker_slot import DEAD
 from tests.scheduler_harness import BS
-from tests.scheduler_peers import REPLY_WAIT, join_worker
+from tests.scheduler_peers import REPLY_WAIT, join_worker, stop
 
 LIVENESS = StageSettings(heartbeat_interval=0.2, liveness_timeout=1.0)
 
@@ -40,8 +40,7 @@ def test_a_worker_silent_from_its_hello_on_is_declared_dead(tmp_path):
             await worker.send(Heartbeat("w0", time.time()))  # it wakes up: register again
             assert await asyncio.wait_for(worker.recv(), REPLY_WAIT) == WorkerUnknown("w0")
         finally:
-            running.cancel()
-            await asyncio.gather(running, return_exceptions=True)
+            await stop(svc.ctx, running)
             gateway.close()
             ctx.destroy(linger=0)
 
