@@ -67,6 +67,31 @@ def test_a_client_leaving_while_queued_frees_its_waiting_slot_at_once(one_slot):
     assert r.status_code == 200  # the stack still serves
 
 
+def test_a_full_door_refuses_before_reading_the_body(one_slot):
+    """One running, one waiting: the stack-wide bound (one batch, 1) is reached, so a new
+    request is refused at once, without its body being read; a body that is no JSON at all
+    gets the 429 too, not the 400 that parsing it would give."""
+    url = one_slot.url
+    leave = threading.Event()
+    running, running_thread = start_stream(url, LONG_CHAT, stop=leave)
+    assert wait_for(lambda: len(running.tokens) > 2, 180), running
+    queued, queued_thread = start_stream(url, LONG_CHAT, stop=leave)
+    assert wait_for(lambda: metric(url, "pdserve:num_requests_waiting") == 1, 30), queue_state(one_slot)
+    r = httpx.post(f"{url}/v1/chat/completions", content=b"{not json",
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 429 and "bound is 1" in r.json()["error"]["message"], r.text
+    assert int(r.headers["retry-after-ms"]) >= 1
+    leave.set()  # both clients leave; their requests are aborted
+    for t in (running_thread, queued_thread):
+        t.join(60)
+    assert wait_for(lambda: metric(url, "pdserve:kv_cache_usage_perc") == 0.0
+                    and metric(url, "pdserve:num_requests_running") == 0
+                    and metric(url, "pdserve:num_requests_waiting") == 0, 30)
+    r = httpx.post(f"{url}/v1/chat/completions", content=b"{not json",
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400, r.text  # with room at the door the body is read, and refused
+
+
 def test_a_stalled_scheduler_ends_open_requests_with_errors_and_recovers(one_slot):
     url = one_slot.url
     streamed, thread = start_stream(url, LONG_CHAT)
