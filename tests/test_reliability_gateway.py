@@ -1,6 +1,7 @@
 """Issue 13, the gateway's part, with real processes and real signals: a client that leaves while
-its request is still queued frees its slot at once; a scheduler that stalls or dies ends every
-open request with an error (an SSE error event and [DONE], or a 5xx body), never a cut or a hang."""
+its request is still queued frees its slot at once; a full door refuses before reading the body;
+a scheduler that stalls or dies ends every open request with an error (an SSE error event and
+[DONE], or a 5xx body), never a cut or a hang."""
 
 from __future__ import annotations
 
