@@ -131,6 +131,7 @@ class GatewayApp:
 
     async def _generate(self, request: Request, chat: bool) -> Response:
         self._authorize(request)
+        self._refuse_if_full()
         client_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         # Clients reuse ids (retries): the pipeline's id stays unique, the header is echoed.
         request_id = f"{client_id[:64]}-{uuid.uuid4().hex[:8]}"
@@ -192,6 +193,14 @@ class GatewayApp:
             log.warning("background task failed: %r", task.exception())
 
     # ------------------------------------------------------------------ checks
+
+    def _refuse_if_full(self) -> None:
+        """429 before any work on the request when the door is full even for one choice (the
+        usual case under overload): the body is not read, parsed, or compiled (a grammar), so a
+        refusal costs the same small time whatever the body. One that passes is checked again
+        with its real number of choices once parsed; a stack that is not ready answers below."""
+        if self.client.readiness()[0]:
+            self._admit(1)
 
     def _admit(self, choices: int) -> None:
         """429 at the door when the stack's waiting bound would be passed (gateway/admission.py)."""

@@ -215,6 +215,7 @@ class SchedulerService(ServiceUpkeep):
             log.info("worker %s (%s) joined: %d blocks, context %d, KV at %s", msg.worker_id,
                      msg.role.name.lower(), msg.num_kv_blocks, msg.max_model_len, msg.kv_address or "-")
             self.unknown_replied.pop(identity, None)
+            slot.last_seen = time.monotonic()  # liveness's clock (register() stamps wall time)
             await self._send(slot, identity, WorkerAccepted(msg.worker_id, os.getpid()))
         await self._apply(effects, pipeline=True, check=bool(effects.outputs or effects.messages))
 

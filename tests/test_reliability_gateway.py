@@ -1,6 +1,7 @@
 """Issue 13, the gateway's part, with real processes and real signals: a client that leaves while
-its request is still queued frees its slot at once; a scheduler that stalls or dies ends every
-open request with an error (an SSE error event and [DONE], or a 5xx body), never a cut or a hang."""
+its request is still queued frees its slot at once; a full door refuses before reading the body;
+a scheduler that stalls or dies ends every open request with an error (an SSE error event and
+[DONE], or a 5xx body), never a cut or a hang."""
 
 from __future__ import annotations
 
@@ -17,6 +18,25 @@ from tests.service_fixture import start_server
 
 pytestmark = pytest.mark.slow
 LIVENESS = ("--heartbeat-interval", "0.5", "--liveness-timeout", "3")
+
+
+def start_plain(url: str, body: dict, timeout: float = 60) -> tuple[dict, threading.Thread]:
+    """A non-streamed chat request in a thread; its status and JSON body land in the dict."""
+    plain: dict = {}
+
+    def non_stream() -> None:
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=timeout)
+        plain["status"], plain["body"] = r.status_code, r.json()
+
+    waiter = threading.Thread(target=non_stream)
+    waiter.start()
+    return plain, waiter
+
+
+def queue_state(srv) -> str:
+    """What the stack is doing, for a failed wait's message: running and waiting counts, log tail."""
+    counts = {name: metric(srv.url, f"pdserve:num_requests_{name}") for name in ("running", "waiting")}
+    return f"{counts}; server log ends:\n{srv.log.read_text()[-2000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +68,36 @@ def test_a_client_leaving_while_queued_frees_its_waiting_slot_at_once(one_slot):
     assert r.status_code == 200  # the stack still serves
 
 
+def test_a_full_door_refuses_before_reading_the_body(one_slot):
+    """One running, one waiting: the stack-wide bound (one batch, 1) is reached, so a new
+    request is refused at once, without its body being read; a body that is no JSON at all
+    gets the 429 too, not the 400 that parsing it would give."""
+    url = one_slot.url
+    leave = threading.Event()
+    running, running_thread = start_stream(url, LONG_CHAT, stop=leave)
+    assert wait_for(lambda: len(running.tokens) > 2, 180), running
+    queued, queued_thread = start_stream(url, LONG_CHAT, stop=leave)
+    assert wait_for(lambda: metric(url, "pdserve:num_requests_waiting") == 1, 30), queue_state(one_slot)
+    r = httpx.post(f"{url}/v1/chat/completions", content=b"{not json",
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 429 and "bound is 1" in r.json()["error"]["message"], r.text
+    assert int(r.headers["retry-after-ms"]) >= 1
+    leave.set()  # both clients leave; their requests are aborted
+    for t in (running_thread, queued_thread):
+        t.join(60)
+    assert wait_for(lambda: metric(url, "pdserve:kv_cache_usage_perc") == 0.0
+                    and metric(url, "pdserve:num_requests_running") == 0
+                    and metric(url, "pdserve:num_requests_waiting") == 0, 30)
+    r = httpx.post(f"{url}/v1/chat/completions", content=b"{not json",
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400, r.text  # with room at the door the body is read, and refused
+
+
 def test_a_stalled_scheduler_ends_open_requests_with_errors_and_recovers(one_slot):
     url = one_slot.url
     streamed, thread = start_stream(url, LONG_CHAT)
     assert wait_for(lambda: len(streamed.tokens) > 2, 180), streamed
-    plain: dict = {}
-
-    def non_stream():
-        r = httpx.post(f"{url}/v1/chat/completions", json=LONG_CHAT, timeout=60)
-        plain["status"], plain["body"] = r.status_code, r.json()
-
-    waiter = threading.Thread(target=non_stream)
-    waiter.start()
+    plain, waiter = start_plain(url, LONG_CHAT)
     time.sleep(0.5)
     scheduler = stage_pids(one_slot.child_pids(), "scheduler")
     assert len(scheduler) == 1
@@ -84,26 +122,18 @@ def test_a_stalled_scheduler_ends_open_requests_with_errors_and_recovers(one_slo
     assert wait_for(lambda: metric(url, "pdserve:kv_cache_usage_perc") == 0.0, 10)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open bug (issue 13): in one CI run of 0058454 on an idle machine the first stream of this "
-    "stack (--max-num-seqs 1, short liveness) got no token in 120 s and nothing was logged; "
-    "it passed in the run before. Kept running (an XPASS is the usual outcome) until the hang "
-    "is found."))
 def test_a_dead_scheduler_ends_every_open_request_in_words(smollm2_dir, tmp_path):
     srv = start_server(smollm2_dir, tmp_path, "--max-num-seqs", "1", "--max-num-batched-tokens", "64",
                        "--max-waiting-requests", "4", *LIVENESS)  # two wait behind the running one
     try:
         streamed, thread = start_stream(srv.url, LONG_CHAT)
-        queued, queued_thread = start_stream(srv.url, LONG_CHAT)  # waits behind the first
-        plain: dict = {}
-
-        def non_stream():
-            r = httpx.post(f"{srv.url}/v1/chat/completions", json=LONG_CHAT, timeout=60)
-            plain["status"], plain["body"] = r.status_code, r.json()
-
-        waiter = threading.Thread(target=non_stream)
-        waiter.start()
-        assert wait_for(lambda: len(streamed.tokens) > 2, 180), streamed
+        # The others only once it runs: clients started together reach the gateway in any order,
+        # and the one slot goes to whichever came first (FCFS), maybe for all its 2000 tokens.
+        assert wait_for(lambda: len(streamed.tokens) > 2, 180), (streamed, queue_state(srv))
+        queued, queued_thread = start_stream(srv.url, LONG_CHAT)
+        plain, waiter = start_plain(srv.url, LONG_CHAT)
+        assert wait_for(lambda: metric(srv.url, "pdserve:num_requests_waiting") == 2, 30), (
+            streamed, queued, plain, queue_state(srv))
         scheduler = stage_pids(srv.child_pids(), "scheduler")
         killed = time.monotonic()
         os.kill(scheduler[0], signal.SIGKILL)
@@ -113,6 +143,7 @@ def test_a_dead_scheduler_ends_every_open_request_in_words(smollm2_dir, tmp_path
         for outcome in (streamed, queued):
             assert outcome.clean and outcome.errors, outcome  # an error event and [DONE], no cut
             assert outcome.ended_at - killed < 15
+        assert not queued.tokens, queued  # it was still waiting
         assert plain["status"] >= 500 and plain["body"]["error"]["message"], plain
         assert srv.proc.wait(timeout=30) == 1  # the scheduler is fatal: the launcher stops
     finally:
