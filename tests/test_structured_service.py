@@ -112,6 +112,23 @@ def test_invalid_schema_or_grammar_is_a_400_at_once(client):
         _chat(client, messages=ASK, extra_body={"guided_regex": "(unclosed"})
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_grammar_the_vocabulary_cannot_serve_is_a_400_not_an_empty_stop(client, stream):
+    """Valid without a vocabulary (the gateway's check passes), but SmolLM2 has no such special
+    token: the tokenizer stage compiles it against the vocabulary and answers 400 at once."""
+    with pytest.raises(openai.BadRequestError) as e:
+        out = client.completions.create(model=MODEL, prompt="Say hi:", max_tokens=10, stream=stream,
+                                        extra_body={"structured_outputs": {"grammar": "start: <|no_such_token|>"}})
+        list(out) if stream else out
+    err = e.value.body
+    assert e.value.status_code == 400 and err["type"] == "invalid_request_error"
+    assert 'unknown special token: "<|no_such_token|>"' in err["message"]
+    with pytest.raises(openai.BadRequestError, match="Token range end too large: 99999"):
+        _chat(client, messages=ASK, extra_body={"guided_grammar": 'start: "a" <[99999]>'}, n=2, stream=stream)
+    ok = _chat(client, messages=ASK, extra_body={"guided_grammar": 'start: "a" <|endoftext|>'}, max_tokens=5)
+    assert ok.choices[0].message.content == "a" and ok.choices[0].finish_reason == "stop"
+
+
 def test_required_tool_choice_and_parallel_calls(client):
     resp = _chat(client, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", temperature=0)
     choice = resp.choices[0]
