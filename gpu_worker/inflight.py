@@ -59,6 +59,7 @@ class InFlightStep:
     launched_at: float  # perf_counter when launch began
     rows_by_request: dict[str, int] = field(default_factory=dict)
     prompt_logprobs: list[PromptLogprobsChunk] = field(default_factory=list)  # already on the host
+    request_errors: dict[str, str] = field(default_factory=dict)  # rows whose grammar failed
     resolved: bool = False
 
     def resolve(self) -> np.ndarray:

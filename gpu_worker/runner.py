@@ -32,10 +32,10 @@ from protocol.model_files.model_config import ModelConfig
 from gpu_worker.sampler import sample
 from gpu_worker.sampling_batch import SamplingBatch, SamplingRow
 from gpu_worker.seq_state import SeqState, SequenceTable
-from gpu_worker.structured.grammar_matcher import GrammarCompiler
 from gpu_worker.structured.step_masks import MaskJob, StructuredDecoding
 from gpu_worker.step_inputs import build_step_inputs, step_inputs_from_arrays
 from protocol.config import CacheSettings, ConfigError, ModelSettings
+from protocol.grammar_compiler import GrammarCompiler
 from protocol.messages import StepPlan, StepResult, TokenLogprobs
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class ModelRunner:
         self.overlap = _overlap(model_settings.overlap_steps, self.device)
         self._last_finish = 0.0  # perf_counter when the last step's result was built
         self._last_timer: DeviceTimer | None = None  # the last finished step's device events
-        self.structured = StructuredDecoding(GrammarCompiler(self.hf_dir, cfg.vocab_size))
+        self.structured = StructuredDecoding(GrammarCompiler.for_dir(self.hf_dir, cfg.vocab_size))
         self.executor: StepExecutor = EagerExecutor(self.model, self.backend, self.kv_caches, self.device)
         graph_note = ""
         if graph_sizes:
@@ -234,7 +234,8 @@ class ModelRunner:
             logprobs = TokenLogprobs(token_ids=ids, logprobs=values, ranks=ranks)
         now = time.perf_counter()
         result = StepResult(step.step_id, self.worker_id, [s.request_id for s in step.states],
-                            tokens.copy(), logprobs, prompt_logprobs=step.prompt_logprobs)
+                            tokens.copy(), logprobs, prompt_logprobs=step.prompt_logprobs,
+                            request_errors=step.request_errors)
         # Overlapped steps overlap in time too: count each wall second once.
         result.execute_seconds = now - max(step.launched_at, self._last_finish)
         self._last_finish = now
@@ -254,11 +255,12 @@ class ModelRunner:
         rows = [_sampling_row(s) for s in states]
         if states:
             assert logits is not None
-            allowed = None if masks is None else masks.result()  # before placeholders are appended
+            grammar = None if masks is None else masks.result()  # before placeholders are appended
+            allowed = None if grammar is None else grammar.bitmask
             out = sample(logits, SamplingBatch.build(rows, logits.shape[-1], self.device, allowed))
             tokens, lp = out.token_ids, out.logprobs
         else:
-            tokens, lp = torch.zeros(0, dtype=torch.int64, device=self.device), None
+            tokens, lp, grammar = torch.zeros(0, dtype=torch.int64, device=self.device), None, None
         host_tokens = _to_host(tokens)
         host_logprobs = None if lp is None else (_to_host(lp.token_ids), _to_host(lp.logprobs), _to_host(lp.ranks))
         done = None
@@ -275,6 +277,7 @@ class ModelRunner:
             step_id=step_id, states=states, slots=slots, tokens=tokens, host_tokens=host_tokens,
             host_logprobs=host_logprobs, done=done, timer=timer, launched_at=launched_at,
             rows_by_request={s.request_id: i for i, s in enumerate(states)},
+            request_errors={} if grammar is None else grammar.errors,
         )
 
 

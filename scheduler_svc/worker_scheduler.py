@@ -181,6 +181,11 @@ class WorkerScheduler(StepPlanner, RequestMoves):
                 # re-admitted (the sample belongs to the old incarnation): drop the sample.
                 continue
             req.num_inflight_samples -= 1
+            if rid in result.request_errors:  # e.g. its grammar failed: end it, drop the token
+                self.running.remove(req)
+                self._finish(req, FinishReason.ERROR)
+                outputs.append(self._output(req, [], error=result.request_errors[rid]))
+                continue
             req.token_ids.append(token)
             reason, stop_id = check_stop(
                 token, req.num_output_tokens, req.num_tokens, req.params, req.eos_token_ids,

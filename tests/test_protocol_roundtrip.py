@@ -200,7 +200,8 @@ SAMPLES: list[tuple[str, Any]] = [
                    np.arange(300, dtype=np.int64) * 3, logprobs=big_logprobs(300, 4),
                    execute_seconds=0.125, gpu_seconds=0.0625, gpu_gap_seconds=0.001,
                    prompt_logprobs=[PromptLogprobsChunk("r0", 1, big_logprobs(20, 3)),
-                                    PromptLogprobsChunk("r1", 9, small_logprobs())]),
+                                    PromptLogprobsChunk("r1", 9, small_logprobs())],
+                   request_errors={"r2": "the output does not match the grammar"}),
     ),
     ("result-small-no-logprobs", StepResult(8, "w1", ["x"], np.array([5], dtype=np.int64))),
     (

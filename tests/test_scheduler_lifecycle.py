@@ -243,6 +243,22 @@ def test_fail_step_ends_the_plans_requests_with_the_error() -> None:
     assert h.schedule().finished_request_ids == ["c"] and h.kv.usage == 0
 
 
+def test_a_row_the_worker_reports_as_failed_ends_only_that_request_with_its_error() -> None:
+    """A grammar that fails in the worker: that request ends with the error (never empty +
+    "stop"), its row's token is dropped, and the rest of the step is taken as usual."""
+    h = Harness()
+    h.add("a", toks(1, 4))
+    h.add("b", toks(11, 4))
+    plan = h.schedule()
+    result = h.worker.run(plan, lambda rid, i: {"a": 7, "b": 8}[rid])
+    result.request_errors = {"a": "the grammar matcher failed: boom"}
+    outs = h.update(result)
+    assert [(o.request_id, o.new_token_ids, o.finish_reason, o.error) for o in outs] == [
+        ("a", [], ERROR, "the grammar matcher failed: boom"), ("b", [8], None, "")]
+    assert list(h.sched.requests) == ["b"]
+    assert h.schedule().finished_request_ids == ["a"]  # the worker forgets it
+
+
 def test_failed_step_leaves_no_prefix_cache_hit_on_unwritten_blocks() -> None:
     h = Harness()
     h.add("a", toks(1, 9))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -10,8 +11,11 @@ import torch
 
 from gpu_worker.sampler import sample
 from gpu_worker.sampling_batch import SamplingBatch, SamplingRow
-from gpu_worker.structured.grammar_matcher import GrammarCompiler
+from gpu_worker.seq_state import SeqState
+from gpu_worker.structured.grammar_matcher import SeqGrammar
+from gpu_worker.structured.step_masks import StructuredDecoding
 from gpu_worker.structured.token_bitmask import allowed_tokens, apply_token_bitmask, full_bitmask
+from protocol.grammar_compiler import GrammarCompiler
 from protocol.sampling import SamplingParams, SamplingParamsError
 from protocol.structured_output import (
     StructuredOutput, StructuredOutputError, check_structured_output, close_objects,
@@ -116,7 +120,7 @@ def test_sampler_never_draws_a_masked_token():
 
 @pytest.fixture(scope="module")
 def compiler(smollm2_dir):
-    return GrammarCompiler(smollm2_dir, 49152)
+    return GrammarCompiler.for_dir(smollm2_dir, 49152)
 
 
 def _allowed(grammar, vocab=49152) -> set[int]:
@@ -132,7 +136,7 @@ def test_matcher_replays_outputs_and_allows_eos_only_when_complete(compiler, smo
     text = json.dumps({"city": "Paris", "n": 3})
     ids = tok.hf_tokenizer.encode(text, add_special_tokens=False)
     prompt = [1, 2, 3]
-    live = compiler.seq_grammar(spec, eos)
+    live = SeqGrammar.start(compiler, spec, eos)
     masks = []
     for i in range(len(ids) + 1):
         live.sync(prompt + ids[:i], len(prompt))  # one token at a time, as the runner does
@@ -142,7 +146,7 @@ def test_matcher_replays_outputs_and_allows_eos_only_when_complete(compiler, smo
             assert not set(eos) & masks[-1]  # the object is open: no EOS
     assert masks[-1] == set(eos)  # complete: only EOS
     for cut in (0, 3, len(ids)):  # a matcher met mid-output (preemption, migration, handoff)
-        replayed = compiler.seq_grammar(spec, eos)
+        replayed = SeqGrammar.start(compiler, spec, eos)
         replayed.sync(prompt + ids[:cut], len(prompt))
         assert _allowed(replayed) == masks[cut]
     assert compiler.compile_seconds and len(compiler.compile_seconds) == 1  # cached by source
@@ -150,6 +154,79 @@ def test_matcher_replays_outputs_and_allows_eos_only_when_complete(compiler, smo
 
 def test_a_matcher_that_fails_allows_only_eos(compiler, smollm2_tokenizer):
     eos = smollm2_tokenizer.eos_token_ids
-    g = compiler.seq_grammar(StructuredOutput("regex", "[0-9]+"), eos)
+    g = SeqGrammar.start(compiler, StructuredOutput("regex", "[0-9]+"), eos)
     g.sync([0] + smollm2_tokenizer.hf_tokenizer.encode("abc", add_special_tokens=False), 1)
     assert g.failed and _allowed(g) == set(eos)
+    assert "does not match the grammar" in g.error
+
+
+# Valid without a vocabulary, so the gateway passes them; llguidance rejects them with SmolLM2's.
+UNSERVABLE = [
+    (StructuredOutput("grammar", "start: <|no_such_token|>"), 'unknown special token: "<|no_such_token|>"'),
+    (StructuredOutput("grammar", 'start: "a" <[99999]>'), "Token range end too large: 99999"),
+]
+
+
+@pytest.mark.parametrize("spec, words", UNSERVABLE)
+def test_a_grammar_the_vocabulary_cannot_serve_fails_only_with_the_tokenizer(smollm2_dir, smollm2_tokenizer,
+                                                                             spec, words):
+    check_structured_output(spec)  # no vocabulary: nothing wrong
+    grammars = GrammarCompiler(lambda: smollm2_tokenizer.hf_tokenizer, 49152)
+    eos = smollm2_tokenizer.eos_token_ids
+    for _ in range(2):
+        with pytest.raises(StructuredOutputError, match=re.escape(words)) as e:
+            grammars.check(spec, eos)
+        assert str(e.value).startswith("the grammar cannot be used with this model's vocabulary: ")
+        assert len(str(e.value)) < 500  # llguidance's list of every special token is cut short
+    assert len(grammars.compile_seconds) == 1  # the failure is cached by source too
+    grammars.check(StructuredOutput("grammar", 'start: "a" <|endoftext|>'), eos)  # a real one is fine
+    failed = SeqGrammar.start(grammars, spec, eos)  # the worker's path: a failed grammar, EOS only
+    assert failed.failed and words in failed.error and _allowed(failed) == set(eos)
+
+
+def test_the_tokenizer_stage_refuses_what_the_vocabulary_cannot_serve(smollm2_tokenizer):
+    from protocol.messages import GenerateRequest
+    from tokenizer_svc.tokenizer_worker import PromptError, PromptPreparer
+
+    tok = smollm2_tokenizer
+    preparer = PromptPreparer(tok, 2048, 49152, GrammarCompiler(lambda: tok.hf_tokenizer, 49152))
+
+    def request(spec: StructuredOutput) -> GenerateRequest:
+        return GenerateRequest("r", SamplingParams(max_tokens=5, structured=spec), 0.0, prompt="Hi", n=2)
+
+    with pytest.raises(PromptError, match=re.escape(UNSERVABLE[0][1])) as e:
+        preparer.prepare(request(UNSERVABLE[0][0]))
+    assert e.value.param is None
+    good = StructuredOutput("regex", "[0-9]+")
+    assert [a.params.structured for a in preparer.prepare(request(good))] == [good, good]
+
+
+def _seq(rid: str, token_ids: list[int], num_prompt: int, structured: StructuredOutput | None,
+         eos: list[int]) -> SeqState:
+    return SeqState(rid, token_ids, num_prompt, [], 0, SamplingParams(structured=structured), eos, 0)
+
+
+def test_failed_grammars_are_reported_per_row_and_spare_the_others(compiler, smollm2_tokenizer):
+    eos = smollm2_tokenizer.eos_token_ids
+    digits = StructuredOutput("regex", "[0-9]+")
+    letters = smollm2_tokenizer.hf_tokenizer.encode("abc", add_special_tokens=False)
+    states = [
+        _seq("plain", [5, 6], 2, None, eos),
+        _seq("no-compile", [5, 6], 2, UNSERVABLE[0][0], eos),
+        _seq("digits", [5, 6], 2, digits, eos),
+        _seq("replay-mismatch", [5, *letters], 1, digits, eos),  # outputs the grammar refuses
+    ]
+    decoding = StructuredDecoding(compiler)
+    try:
+        masks = decoding.start(states).result()
+    finally:
+        decoding.close()
+    assert sorted(masks.errors) == ["no-compile", "replay-mismatch"]
+    assert "unknown special token" in masks.errors["no-compile"]
+    assert "does not match the grammar" in masks.errors["replay-mismatch"]
+    rows = [set(np.nonzero(allowed_tokens(torch.from_numpy(masks.bitmask[i:i + 1]), 49152)[0].numpy())[0].tolist())
+            for i in range(len(states))]
+    assert len(rows[0]) == 49152  # unconstrained
+    assert rows[1] == rows[3] == set(eos)  # failed rows: EOS only, harmless to sample
+    digit_ids = smollm2_tokenizer.hf_tokenizer.encode("7", add_special_tokens=False)
+    assert set(digit_ids) <= rows[2] and not set(letters) & rows[2] and not set(eos) & rows[2]

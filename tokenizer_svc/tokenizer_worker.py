@@ -4,9 +4,10 @@ Several run side by side, each a DEALER (identity: its stage id) on the gateway'
 gateway picks a live tokenizer for each GenerateRequest and, if that tokenizer dies or stalls,
 sends the requests it held to another (the scheduler ignores an AddRequest it already has).
 Heartbeats go up the same socket. A request that cannot run (malformed messages, prompt longer
-than the context, max_tokens past it, out-of-vocabulary ids) is answered straight to the gateway
-with a RequestFailed; a good one becomes n AddRequests (one per choice). Tokenizing runs in a
-thread, so a huge prompt never stalls the heartbeats.
+than the context, max_tokens past it, out-of-vocabulary ids, a structured output that does not
+compile for the model's vocabulary) is answered straight to the gateway with a RequestFailed; a
+good one becomes n AddRequests (one per choice). Tokenizing runs in a thread, so a huge prompt
+never stalls the heartbeats.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from protocol.model_files.model_config import ModelConfig
 from protocol.codec import Codec
 from protocol.config import ModelSettings, StageSettings
 from protocol.endpoints import Endpoints
+from protocol.grammar_compiler import GrammarCompiler
 from protocol.liveness import default_stage_id, send_heartbeats
 from protocol.messages import (
     AddRequest,
@@ -37,6 +39,7 @@ from protocol.messages import (
     choice_seed,
 )
 from protocol.sampling import SamplingParams
+from protocol.structured_output import StructuredOutputError
 from protocol.sockets import DealerSocket, PushSocket
 from tokenizer_svc.tokenizer import Tokenizer
 
@@ -44,20 +47,30 @@ log = logging.getLogger("pdserve.tokenizer")
 
 
 class PromptError(ValueError):
-    def __init__(self, message: str, param: str) -> None:
+    def __init__(self, message: str, param: str | None) -> None:
         super().__init__(message)
         self.param = param
 
 
 class PromptPreparer:
-    """Pure: GenerateRequest -> AddRequests, or PromptError saying what is wrong."""
+    """Pure: GenerateRequest -> AddRequests, or PromptError saying what is wrong.
 
-    def __init__(self, tokenizer: Tokenizer, max_model_len: int, vocab_size: int) -> None:
+    With `grammars`, a structured output is compiled against the model's vocabulary (as the
+    worker will, cached by source) so one the vocabulary cannot serve is the client's 400."""
+
+    def __init__(self, tokenizer: Tokenizer, max_model_len: int, vocab_size: int,
+                 grammars: GrammarCompiler | None = None) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
+        self.grammars = grammars
 
     def prepare(self, req: GenerateRequest) -> list[AddRequest]:
+        if req.params.structured is not None and self.grammars is not None:
+            try:
+                self.grammars.check(req.params.structured, self.tokenizer.eos_token_ids)
+            except StructuredOutputError as exc:
+                raise PromptError(str(exc), None) from None
         ids = self._prompt_ids(req)
         n = len(ids)
         if n == 0:
@@ -127,7 +140,8 @@ async def serve_tokenizer(model: ModelSettings, stage: StageSettings, endpoints:
     cfg = ModelConfig.from_dir(hf_dir)
     max_len = min(model.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     tokenizer = Tokenizer.from_dir(hf_dir, name=model.model, chat_template=model.chat_template)
-    preparer = PromptPreparer(tokenizer, max_len, cfg.vocab_size)
+    grammars = GrammarCompiler(lambda: tokenizer.hf_tokenizer, cfg.vocab_size, model.model)
+    preparer = PromptPreparer(tokenizer, max_len, cfg.vocab_size, grammars)
     ctx = zmq.asyncio.Context()
     pull = DealerSocket(ctx, endpoints.tokenizer_in, Codec(TokenizerInbound), Codec(TokenizerOutbound),
                         bind=False, identity=stage_id.encode())

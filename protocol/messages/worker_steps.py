@@ -67,6 +67,8 @@ class StepResult(_Msg, tag="result"):
     gpu_gap_seconds: float = 0.0  # device idle time between the previous step and this one, when
     # this step was already waiting (host overhead, not want of work); 0 on CPU
     prompt_logprobs: list[PromptLogprobsChunk] = []  # prefill rows of requests that asked
+    request_errors: dict[str, str] = {}  # request id -> why it cannot go on (its grammar failed):
+    # the scheduler ends it with this error and drops its row's token
 
 
 class WorkerError(_Msg, tag="error"):

@@ -123,15 +123,15 @@ async def free_load(url: str, lengths: list[int]) -> tuple[float, list[int]]:
 
 
 def compile_times(model_dir: Path, vocab_size: int, eos: list[int], repeats: int) -> dict:
-    from gpu_worker.structured.grammar_matcher import GrammarCompiler
+    from protocol.grammar_compiler import GrammarCompiler
     from protocol.structured_output import json_schema_output
 
-    compiler = GrammarCompiler(model_dir, vocab_size, cache_size=0)  # every compile cold
-    compiler.seq_grammar(json_schema_output({"type": "object"}), eos)  # builds the tokenizer
+    compiler = GrammarCompiler.for_dir(model_dir, vocab_size, cache_size=0)  # every compile cold
+    compiler.compiled(json_schema_output({"type": "object"}), eos)  # builds the tokenizer
     compiler.compile_seconds.clear()
     for _ in range(repeats):
         for schema in SCHEMAS:
-            compiler.seq_grammar(json_schema_output(schema), eos)
+            compiler.compiled(json_schema_output(schema), eos)
     ms = sorted(s * 1e3 for s in compiler.compile_seconds)
     return {"compiles": len(ms), "p50_ms": round(statistics.median(ms), 3),
             "p99_ms": round(ms[min(len(ms) - 1, int(0.99 * (len(ms) - 1) + 0.5))], 3),
