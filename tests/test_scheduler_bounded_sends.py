@@ -31,7 +31,8 @@ from protocol.messages import (
     WorkerUnknown,
 )
 from protocol.sockets import DEFAULT_HWM, DealerSocket, PullSocket, PushSocket
-from scheduler_svc.scheduler_process import SEND_TIMEOUT, SchedulerService
+from scheduler_svc.scheduler_process import SchedulerService
+from scheduler_svc.service_timing import SEND_TIMEOUT
 from tests.scheduler_harness import BS
 from tests.scheduler_peers import REPLY_WAIT, add_request, join_worker, stop
 

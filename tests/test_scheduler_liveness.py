@@ -13,7 +13,8 @@ from protocol.config import CacheSettings, SchedulerSettings, StageSettings
 from protocol.endpoints import Endpoints
 from protocol.messages import GatewayInbound, Heartbeat, WorkerUnknown
 from protocol.sockets import PullSocket
-from scheduler_svc.scheduler_process import STATS_INTERVAL, SchedulerService
+from scheduler_svc.scheduler_process import SchedulerService
+from scheduler_svc.service_timing import STATS_INTERVAL
 from scheduler_svc.worker_slot import DEAD
 from tests.scheduler_harness import BS
 from tests.scheduler_peers import REPLY_WAIT, join_worker, stop
