@@ -7,26 +7,13 @@ script tests/benchmarks/gpu_gemm.py repeats the check in bf16 on CUDA and times 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-_PRIOR = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
-    from gpu_worker.triton_kernels.skinny_matmul import skinny_matmul
-finally:
-    if _PRIOR is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PRIOR
+from tests import triton_interpreter
+from tests.triton_interpreter import skinny_matmul
 
-
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+_interpret = triton_interpreter._interpret  # autouse: the interpreter, with its bf16 corrected
 
 
 @pytest.mark.parametrize(

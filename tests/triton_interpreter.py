@@ -33,6 +33,7 @@ try:
     from gpu_worker import triton_kernels as tk
     from gpu_worker.triton_kernels import reference as ref
     from gpu_worker.triton_kernels.decode_attention import choose_num_splits
+    from gpu_worker.triton_kernels.skinny_matmul import skinny_matmul  # noqa: F401 (for the tests)
 finally:
     if _PRIOR is None:
         os.environ.pop("TRITON_INTERPRET", None)
