@@ -6,7 +6,8 @@ readings) so they are tested exactly; send_request only wires them to an aiohttp
 The streams go through aiohttp, as vLLM's and SGLang's benchmark clients do: with httpx, a
 client sending 1,500 streams at once took 5.8 s to get its first request to the server and
 13 s to its median first token, against 1.5 s and 2.5 s with aiohttp, on the same server and
-machine (a busy 2-core VM). A benchmark whose client falls behind measures the client.
+machine (a busy 2-core VM; tests/benchmarks/client_ingest.py). A benchmark whose client falls
+behind measures the client.
 
 Timing definitions (the same for chat and completions):
   ttft  time from sending to the first chunk that carries choices;
