@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gpu_worker.matmul_tuning import bucket_of
+
 PACK_BATCH_HINT = 16  # oneDNN tunes the packed layout for this many rows; any count works
 
 
@@ -42,8 +44,6 @@ class Linear:
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, "none", [], "")
         if self.skinny and x.dim() == 2 and x.stride(-1) == 1:
-            from gpu_worker.matmul_tuning import bucket_of
-
             config = self.skinny.get(bucket_of(x.shape[0]))
             if config is not None:
                 return config.run(x, self.weight)
