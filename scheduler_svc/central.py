@@ -177,7 +177,7 @@ class CentralScheduler(KVHandoffs):
                 continue
             h = self.handoffs.get(rid)
             if h is not None:  # the source's abort below frees the request there
-                self._end_handoff(h, "aborted", now, effects, release_src=False)
+                self._end_handoff(h, "aborted", now, effects, release_src=False, fault=False)
             self.pending_handoffs = [(s, r) for s, r in self.pending_handoffs if r.request_id != rid]
             outs = slot.scheduler.abort([rid], reason)
             for out in outs:
@@ -293,8 +293,8 @@ class CentralScheduler(KVHandoffs):
         effects = Effects()
         for t in [t for t in self.transfers.values() if now > t.deadline]:
             if t.handoff.request.request_id in self.handoffs:
+                t.dst.missed_transfer = True  # the destination never answered: no new work until it does
                 self._end_handoff(t.handoff, "KV transfer timed out", now, effects)
-                self.finished_transfers.append(TransferRecord(t.transport, 0, now - t.started, False))
         for slot in [s for s in self.workers.values() if s.state == DRAINING and now > s.drain_deadline]:
             for h in [h for h in self.handoffs.values() if slot in (h.src, h.dst)]:
                 self._end_handoff(h, f"worker {slot.worker_id} drained", now, effects)

@@ -219,17 +219,22 @@ class KVHandoffs:
         effects.plan(h.src)
         effects.plan(h.dst)
 
-    def _end_handoff(self, h: Handoff, why: str, now: float, effects: Effects, release_src: bool = True) -> None:
+    def _end_handoff(self, h: Handoff, why: str, now: float, effects: Effects, release_src: bool = True,
+                     fault: bool = True) -> None:
         """Stop a handoff on both sides: parts in flight are cancelled (a live destination never
         writes them again), the reservation is released. A request already prefilled is
         released by its source and recomputed elsewhere (unless `release_src` is off: the
         caller ends it there); one still prefilling simply stays where it is (and is handed
-        off again after its first token)."""
+        off again after its first token). `fault`: the handoff ends because something failed
+        (a worker, a deadline), so each part still in flight counts as a failed transfer; off
+        when the request itself went away (aborted, finished early)."""
         rid = h.request.request_id
         self.handoffs.pop(rid, None)
         for tid in list(h.parts):
             t = self.transfers.pop(tid)
             self._unlink(t)
+            if fault:
+                self.finished_transfers.append(TransferRecord(t.transport, 0, now - t.started, False))
             if h.dst.state != DEAD:
                 effects.messages.append((h.dst, KVCancel(tid)))
         if rid in h.dst.scheduler.incoming:
@@ -245,7 +250,8 @@ class KVHandoffs:
         finished at its first token) before being prefilled: its source blocks are gone."""
         for h in [h for h in self.handoffs.values() if h.src is slot and not h.final]:
             if h.request.status != RequestStatus.RUNNING or h.request.request_id not in slot.scheduler.requests:
-                self._end_handoff(h, "the request left the prefill worker", now, effects, release_src=False)
+                self._end_handoff(h, "the request left the prefill worker", now, effects, release_src=False,
+                                  fault=False)
 
     def _unlink(self, t: Transfer) -> None:
         t.handoff.parts.discard(t.transfer_id)

@@ -35,7 +35,7 @@ class Route:
 
 def decode_targets(slots: Sequence[WorkerSlot]) -> list[WorkerSlot]:
     """Ready workers a prefilled request may move to: decode workers, else mixed ones."""
-    ready = [s for s in slots if s.is_ready]
+    ready = [s for s in slots if s.is_routable]
     decode = [s for s in ready if s.role == WorkerRole.DECODE]
     return decode or [s for s in ready if s.role == WorkerRole.MIXED]
 
@@ -51,7 +51,7 @@ def choose_route(
     """
     # Workers may have different context lengths (each one's cache caps it): only those that can
     # hold the request and one more token are candidates.
-    ready = [s for s in slots if s.is_ready and num_tokens < s.hello.max_model_len]
+    ready = [s for s in slots if s.is_routable and num_tokens < s.hello.max_model_len]
     if not ready:
         return None
     prefill = [s for s in ready if s.role == WorkerRole.PREFILL]

@@ -190,7 +190,7 @@ class SchedulerService(ServiceUpkeep):
         if slot is None or slot.state == DEAD or slot.identity != identity:
             await self._unknown(identity, msg.worker_id)
             return
-        slot.last_seen = time.monotonic()
+        slot.heard_from(time.monotonic())
         now = time.time()
         if isinstance(msg, Heartbeat):
             return

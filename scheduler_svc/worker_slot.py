@@ -39,6 +39,9 @@ class WorkerSlot:
     transfers_done: int = 0
     transfer_bytes: int = 0
     transfers_by_transport: dict[str, int] = field(default_factory=dict)
+    # A transfer into it passed its deadline without a word from it (stopped, hung, cut off) and
+    # it has not been heard from since: new work goes elsewhere until it speaks or is declared dead.
+    missed_transfer: bool = False
 
     @classmethod
     def create(
@@ -60,6 +63,16 @@ class WorkerSlot:
     @property
     def is_ready(self) -> bool:
         return self.state == READY
+
+    @property
+    def is_routable(self) -> bool:
+        """Ready, and not silent since it missed a transfer: new requests and handoffs may go here."""
+        return self.state == READY and not self.missed_transfer
+
+    def heard_from(self, now_monotonic: float) -> None:
+        """Any message from the worker: its liveness clock restarts and it takes new work again."""
+        self.last_seen = now_monotonic
+        self.missed_transfer = False
 
     @property
     def num_pending_tokens(self) -> int:

@@ -279,6 +279,40 @@ def test_abort_mid_transfer_cancels_it_and_frees_both_sides() -> None:
     c.apply(c.central.abort(["a"], ABORT, c.now))
     assert pull.transfer_id in c.cancelled and c.final["a"].finish_reason == ABORT
     assert c.slot("w0").kv.num_requests == 0 and c.slot("w1").kv.num_requests == 0
+    assert c.central.finished_transfers == []  # the client went away: no transfer failed
+
+
+def test_a_destination_that_missed_a_transfer_gets_no_new_work_until_it_is_heard_from() -> None:
+    c = Cluster([P, D, D], kv_transfer_timeout=2.0)
+    c.add("a", toks(1, 10), max_tokens=4)
+    c.step("w0")
+    [pull] = c.pulls
+    silent = c._dst_of(pull)
+    other = ({"w1", "w2"} - {silent}).pop()
+    c.tick(3.5)  # past the deadline (timeout + 1 s): the destination never answered
+    assert pull.transfer_id in c.cancelled
+    [record] = c.central.finished_transfers
+    assert (record.ok, record.num_bytes) == (False, 0)  # counted as a failed transfer
+    assert c.slot(silent).missed_transfer and not c.slot(silent).is_routable
+    assert c.slot(silent).state == "ready"  # not declared dead: only liveness does that
+    c.pulls.clear()
+    c.add("b", toks(50, 10), max_tokens=3)
+    c.run()  # "a" is recomputed and, like "b", handed to the worker that still answers
+    assert c.outputs["a"] == c.expected("a", 4) and c.outputs["b"] == c.expected("b", 3)
+    assert (c.slot(other).transfers_done, c.slot(silent).transfers_done) == (2, 0)
+    c.slot(silent).heard_from(c.now)  # any message (a heartbeat) makes it routable again
+    assert c.slot(silent).is_routable
+
+
+def test_transfers_cut_by_their_destination_s_death_count_as_failed() -> None:
+    c = Cluster([P, D, D])
+    c.add("a", toks(1, 10), max_tokens=4)
+    c.step("w0")
+    [pull] = c.pulls
+    c.kill(c._dst_of(pull))
+    assert [r.ok for r in c.central.finished_transfers] == [False]
+    c.run()
+    assert c.outputs["a"] == c.expected("a", 4)
 
 
 def test_workers_that_do_not_fit_the_stack_are_refused() -> None:
