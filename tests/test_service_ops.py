@@ -58,9 +58,9 @@ def test_request_timeout_then_launcher_stops_everything_when_a_child_dies(smollm
         r = httpx.post(f"{srv.url}/v1/chat/completions", json={**CHAT, "max_tokens": 4000, "stream": stream},
                        timeout=60)
         assert time.monotonic() - started < 10
-        if stream:
-            assert r.status_code == 200 and "timed out" in r.text and r.text.endswith("data: [DONE]\n\n")
-        else:
+        if stream and r.status_code == 200:  # the stream had begun: the error is its last event
+            assert "timed out" in r.text and r.text.endswith("data: [DONE]\n\n")
+        else:  # not streamed, or (on a loaded machine) timed out before its first token: a plain 503
             assert r.status_code == 503 and "timed out" in r.json()["error"]["message"]
     # The aborted requests' blocks are back.
     assert wait_for(lambda: metric(srv.url, "pdserve:kv_cache_usage_perc") == 0.0, 10)
