@@ -73,12 +73,10 @@ class DecoderLayer(nn.Module):
             h, residual = backend.add_rms_norm(x, residual, self.input_norm, cfg.rms_norm_eps)
         qkv = self.qkv_op(h)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q, k = backend.rotary(
-            q.view(t, cfg.num_attention_heads, cfg.head_dim),
-            k.view(t, cfg.num_key_value_heads, cfg.head_dim), rot,
+        q = backend.rotary_write_kv(
+            q.view(t, cfg.num_attention_heads, cfg.head_dim), k.view(t, cfg.num_key_value_heads, cfg.head_dim),
+            v.view(t, cfg.num_key_value_heads, cfg.head_dim), rot, k_cache, v_cache, meta,
         )
-        v = v.reshape(t, cfg.num_key_value_heads, cfg.head_dim)
-        backend.write_kv(k_cache, v_cache, k, v, meta)
         attn = backend.attend(q, k_cache, v_cache, meta, self.scale)
         o = self.o_op(attn.view(t, cfg.q_size))
         h, residual = backend.add_rms_norm(o, residual, self.post_norm, cfg.rms_norm_eps)

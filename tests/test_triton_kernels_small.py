@@ -107,6 +107,45 @@ def test_rotary_in_place_on_fused_qkv(dtype: torch.dtype, head_dim: int, group: 
     assert torch.equal(qkv[:, q_size + kv_size :], before[:, q_size + kv_size :])  # v untouched
 
 
+@pytest.mark.parametrize("dtype,head_dim,group", [(F32, 64, 3), (BF16, 128, 4)])
+def test_rotary_and_kv_write_in_one_launch(dtype: torch.dtype, head_dim: int, group: int) -> None:
+    """q rotated in place, rotated k and plain v into shuffled slots of a NaN cache (negative
+    slots: nothing), straight from the fused QKV output; k and v themselves stay as they were."""
+    gen = torch.Generator().manual_seed(head_dim * group)
+    tokens, q_heads, num_blocks = 23, group * KV_HEADS, 7
+    q_size, kv_size = q_heads * head_dim, KV_HEADS * head_dim
+    qkv = torch.randn(tokens, q_size + 2 * kv_size, generator=gen).to(dtype)
+    before = qkv.clone()
+    q = qkv[:, :q_size].view(tokens, q_heads, head_dim)
+    k = qkv[:, q_size : q_size + kv_size].view(tokens, KV_HEADS, head_dim)
+    v = qkv[:, q_size + kv_size :].view(tokens, KV_HEADS, head_dim)
+    positions = torch.randint(1, 4000, (tokens,), generator=gen)
+    slots = torch.randperm(num_blocks * PAGE, generator=gen)[:tokens]
+    slots[[0, 9, 22]] = -1
+    cos, sin = _rope_tables(head_dim, 4096, dtype)
+    want_q, want_k = ref.rotary_embedding(q.float(), k.float(), positions, cos.float(), sin.float())
+    k_want = torch.full((num_blocks, PAGE, KV_HEADS, head_dim), float("nan"), dtype=torch.float32)
+    v_want = k_want.clone()
+    ref.write_kv_cache(want_k, v.float(), k_want, v_want, slots)
+    k_cache = torch.full((num_blocks, PAGE, KV_HEADS, head_dim), float("nan"), dtype=dtype)
+    v_cache = k_cache.clone()
+    tk.rotary_and_write_kv(q, k, v, k_cache, v_cache, positions, slots, cos, sin)
+    check_close(q, want_q, dtype)
+    assert torch.equal(qkv[:, q_size:], before[:, q_size:])  # k and v untouched
+    for got, want in ((k_cache, k_want), (v_cache, v_want)):
+        assert torch.equal(got.isnan(), want.isnan())  # exactly the valid tokens' slots written
+        assert int((~got.isnan()).sum()) == (tokens - 3) * KV_HEADS * head_dim
+        check_close(got.nan_to_num(), want.nan_to_num(), dtype)
+
+
+def test_rotary_and_kv_write_refuses_mismatched_caches() -> None:
+    q, k = torch.zeros(2, 4, 8), torch.zeros(2, 2, 8)
+    cache = torch.zeros(3, PAGE, 2, 16)
+    with pytest.raises(ValueError, match="caches"):
+        tk.rotary_and_write_kv(q, k, k, cache, cache, torch.zeros(2, dtype=torch.long),
+                               torch.zeros(2, dtype=torch.long), torch.zeros(9, 8), torch.zeros(9, 8))
+
+
 @pytest.mark.parametrize("dtype,width", [(F32, 2 * 1536), (BF16, 2 * 1000)])
 def test_silu_and_mul(dtype: torch.dtype, width: int) -> None:
     gen = torch.Generator().manual_seed(width)

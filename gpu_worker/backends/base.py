@@ -7,7 +7,7 @@ A backend is chosen once per worker (`--attention-backend`) and serves every lay
   opaque to the model, which only hands it back to the backend's own calls.
 - per layer: `write_kv` (this step's keys and values into their cache slots) and `attend`
   (queries against the paged cache), plus the elementwise pieces a backend may fuse:
-  `rms_norm`, `add_rms_norm`, `rotary`, `silu_and_mul`. Their defaults here are the plain torch
+  `rms_norm`, `add_rms_norm`, `rotary` (with `write_kv`: `rotary_write_kv`), `silu_and_mul`. Their defaults here are the plain torch
   arithmetic that follows Hugging Face step for step (what the CPU tests check bit for bit).
 
 The model (gpu_worker.model) and the step executor (gpu_worker.backends.executor) are shared; a
@@ -67,6 +67,14 @@ class AttentionBackend(ABC):
     def rotary(self, q: torch.Tensor, k: torch.Tensor, rot: Any) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = rot
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    def rotary_write_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rot: Any,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, meta: Any) -> torch.Tensor:
+        """Rotate q and k, write the rotated k and v into the step's cache slots; the rotated q.
+        A backend whose attention reads keys only from the cache may fuse the two."""
+        q, k = self.rotary(q, k, rot)
+        self.write_kv(k_cache, v_cache, k, v, meta)
+        return q
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm(x, weight, eps)

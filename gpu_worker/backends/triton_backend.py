@@ -94,6 +94,11 @@ class TritonBackend(AttentionBackend):
         tk.rotary_embedding_(q, k, positions, cos, sin)
         return q, k
 
+    def rotary_write_kv(self, q, k, v, rot, k_cache, v_cache, meta: TritonMetadata):
+        positions, cos, sin = rot
+        tk.rotary_and_write_kv(q, k, v, k_cache, v_cache, positions, meta.slot_mapping, cos, sin)
+        return q
+
     def rms_norm(self, x, weight, eps):
         return tk.rms_norm(x, weight, eps)
 

@@ -19,6 +19,7 @@ from gpu_worker.triton_kernels.prefill_attention import (
 )
 from gpu_worker.triton_kernels.norm import fused_add_rms_norm, rms_norm
 from gpu_worker.triton_kernels.rotary import rotary_embedding_
+from gpu_worker.triton_kernels.rotary_kv_write import rotary_and_write_kv
 
 __all__ = [
     "choose_num_splits",
@@ -28,6 +29,7 @@ __all__ = [
     "prefill_work_list",
     "query_tile_tokens",
     "rms_norm",
+    "rotary_and_write_kv",
     "rotary_embedding_",
     "silu_and_mul",
     "write_kv_cache",

@@ -19,16 +19,32 @@ from gpu_worker.triton_kernels._util import pow2, require_unit_last_stride
 
 
 @triton.jit
-def _rotate_heads(x_ptr, stride_h, cos, sin, NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
+def _rotate_heads(src_ptr, src_stride_h, dst_ptr, dst_stride_h, cos, sin, rows_ok,
+                  NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
                   HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+    """Rotate one token's heads from `src` into `dst` (the same place, or a cache slot).
+    rows_ok: bool [HEADS_PAD], False skips a head (a vector: a scalar mask does not combine
+    with a vector one in the interpreter)."""
     h = tl.arange(0, HEADS_PAD)
     j = tl.arange(0, HALF_PAD)
-    mask = (h < NUM_HEADS)[:, None] & (j < HALF)[None, :]
-    first = x_ptr + h[:, None] * stride_h + j[None, :]
+    mask = (rows_ok & (h < NUM_HEADS))[:, None] & (j < HALF)[None, :]
+    first = src_ptr + h[:, None] * src_stride_h + j[None, :]
     x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(first, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
-    tl.store(first + HALF, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+    out = dst_ptr + h[:, None] * dst_stride_h + j[None, :]
+    tl.store(out, (x1 * cos - x2 * sin).to(dst_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + HALF, (x2 * cos + x1 * sin).to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _cos_sin(positions_ptr, cos_ptr, sin_ptr, tok, stride_cos, stride_sin,
+             HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+    """The first halves of token `tok`'s cos and sin rows, as [1, HALF_PAD] float32."""
+    pos = tl.load(positions_ptr + tok).to(tl.int64)
+    j = tl.arange(0, HALF_PAD)
+    cos = tl.load(cos_ptr + pos * stride_cos + j, mask=j < HALF, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + pos * stride_sin + j, mask=j < HALF, other=0.0).to(tl.float32)[None, :]
+    return cos, sin
 
 
 @triton.jit
@@ -40,12 +56,13 @@ def _rotary_kernel(
     HALF: tl.constexpr, HALF_PAD: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
-    pos = tl.load(positions_ptr + tok).to(tl.int64)
-    j = tl.arange(0, HALF_PAD)
-    cos = tl.load(cos_ptr + pos * stride_cos + j, mask=j < HALF, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(sin_ptr + pos * stride_sin + j, mask=j < HALF, other=0.0).to(tl.float32)[None, :]
-    _rotate_heads(q_ptr + tok * stride_qt, stride_qh, cos, sin, NUM_Q_HEADS, Q_HEADS_PAD, HALF, HALF_PAD)
-    _rotate_heads(k_ptr + tok * stride_kt, stride_kh, cos, sin, NUM_K_HEADS, K_HEADS_PAD, HALF, HALF_PAD)
+    cos, sin = _cos_sin(positions_ptr, cos_ptr, sin_ptr, tok, stride_cos, stride_sin, HALF, HALF_PAD)
+    q_rows = q_ptr + tok * stride_qt
+    k_rows = k_ptr + tok * stride_kt
+    _rotate_heads(q_rows, stride_qh, q_rows, stride_qh, cos, sin, tl.full([Q_HEADS_PAD], 1, tl.int1),
+                  NUM_Q_HEADS, Q_HEADS_PAD, HALF, HALF_PAD)
+    _rotate_heads(k_rows, stride_kh, k_rows, stride_kh, cos, sin, tl.full([K_HEADS_PAD], 1, tl.int1),
+                  NUM_K_HEADS, K_HEADS_PAD, HALF, HALF_PAD)
 
 
 def rotary_embedding_(

@@ -129,6 +129,37 @@ def check_kv_write(rep: Report) -> None:
             rep.fail("kv_write", case, repr(exc))
 
 
+def check_rotary_kv_write(rep: Report, gen: torch.Generator, dtype: torch.dtype, tokens: int, group: int,
+                          kv_heads: int, dim: int, cos: torch.Tensor, sin: torch.Tensor, page: int = 16) -> None:
+    """The fused rotary + KV write against rotary then write, into a NaN cache with skipped slots."""
+    q_size, kv_size = group * kv_heads * dim, kv_heads * dim
+    qkv = torch.randn(tokens, q_size + 2 * kv_size, generator=gen, device=DEV).to(dtype)
+    q = qkv[:, :q_size].view(tokens, group * kv_heads, dim)
+    k = qkv[:, q_size : q_size + kv_size].view(tokens, kv_heads, dim)
+    v = qkv[:, q_size + kv_size :].view(tokens, kv_heads, dim)
+    pos = torch.randint(0, cos.shape[0], (tokens,), generator=gen, device=DEV)
+    num_blocks = cdiv(tokens, page) + 10
+    slots = torch.randperm(num_blocks * page, generator=gen, device=DEV)[:tokens]
+    slots[torch.rand(tokens, generator=gen, device=DEV) < 0.1] = -1
+    want_q, want_k = ref.rotary_embedding(q.float(), k.float(), pos, cos.float(), sin.float())
+    k_want = torch.full((num_blocks, page, kv_heads, dim), float("nan"), device=DEV)
+    v_want = k_want.clone()
+    ref.write_kv_cache(want_k, v.float(), k_want, v_want, slots)
+    k_cache = torch.full((num_blocks, page, kv_heads, dim), float("nan"), dtype=dtype, device=DEV)
+    v_cache = k_cache.clone()
+    case = f"tokens={tokens} q_heads={group * kv_heads} kv_heads={kv_heads} d={dim} page={page} fused qkv"
+    try:
+        tk.rotary_and_write_kv(q, k, v, k_cache, v_cache, pos, slots, cos, sin)
+        rep.check("rotary_kv_write", case + " (q)", q, want_q, dtype)
+        for name, got, want in (("k cache", k_cache, k_want), ("v cache", v_cache, v_want)):
+            if not torch.equal(got.isnan(), want.isnan()):
+                rep.fail("rotary_kv_write", f"{case} ({name})", "wrote other slots than the valid tokens'")
+            else:
+                rep.check("rotary_kv_write", f"{case} ({name})", got.nan_to_num(), want.nan_to_num(), dtype)
+    except Exception as exc:  # noqa: BLE001
+        rep.fail("rotary_kv_write", case, repr(exc))
+
+
 def check_fusions(rep: Report) -> None:
     gen = torch.Generator(device=DEV).manual_seed(5)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -163,6 +194,7 @@ def check_fusions(rep: Report) -> None:
                 rep.check("rotary", case + " (k)", k, want_k, dtype)
             except Exception as exc:  # noqa: BLE001
                 rep.fail("rotary", case, repr(exc))
+            check_rotary_kv_write(rep, gen, dtype, tokens, group, kv_heads, dim, cos, sin)
         for rows, inter in [(1, 1536), (100, 4864), (1024, 14336)]:
             x = (2 * torch.randn(rows, 2 * inter, generator=gen, device=DEV)).to(dtype)
             case = f"rows={rows} intermediate={inter}"

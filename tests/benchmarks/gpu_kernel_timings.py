@@ -199,6 +199,15 @@ def time_small(rep: Report) -> None:
         small_timing(rep, "rotary", f"tokens={tokens} 32q+8kv heads",
                      lambda: tk.rotary_embedding_(q, k, pos, cos, sin), lambda: ref.rotary_embedding(q, k, pos, cos, sin))
 
+        def rotary_then_write():  # the two launches the fused kernel replaces
+            tk.rotary_embedding_(q, k, pos, cos, sin)
+            tk.write_kv_cache(k, value, k_cache, v_cache, slots)
+
+        # "torch" column: the two Triton launches, not torch
+        small_timing(rep, "rotary_kv_write", f"tokens={tokens} 32q+8kv heads, fused vs two launches",
+                     lambda: tk.rotary_and_write_kv(q, k, value, k_cache, v_cache, pos, slots, cos, sin),
+                     rotary_then_write)
+
         gu = torch.randn(tokens, 2 * 14336, device=DEV, dtype=bf)
         small_timing(rep, "silu_and_mul", f"tokens={tokens} inter=14336",
                      lambda: tk.silu_and_mul(gu), lambda: ref.silu_and_mul(gu))
