@@ -195,8 +195,10 @@ def replay_time(executor, step, iters: int = 20) -> float:
 
 
 KERNEL_KINDS = (("attention", ("decode_split", "decode_reduce", "prefill")), ("rms_norm", ("rms_norm",)),
-                ("rotary", ("rotary",)), ("kv_write", ("kv_write",)), ("silu_mul", ("silu_and_mul",)),
-                ("matmul", ("gemm", "gemv", "cutlass", "sm90", "nvjet", "xmma", "cublas")))
+                ("rotary_kv_write", ("rotary_kv_write",)), ("rotary", ("rotary",)), ("kv_write", ("kv_write",)),
+                ("silu_mul", ("silu_and_mul",)),
+                ("matmul", ("gemm", "gemv", "cutlass", "sm90", "nvjet", "xmma", "cublas", "skinny_matmul",
+                            "sum_splits")))
 
 
 def kernel_profile(executor, step, iters: int = 5) -> dict:
