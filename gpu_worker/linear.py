@@ -5,8 +5,8 @@ sgemm repacks the weight on each call. oneDNN with the weight reordered once at 
 2-3x faster here for 16 rows (lm_head 18.9 ms -> 5.7 ms on this 2-core box) and 15-20% faster
 for prefill-sized batches, with float32 results equal to ~4e-7 relative. Anywhere else (CUDA,
 a torch without oneDNN, other dtypes) it is plain F.linear, except that on CUDA a product of at
-most 64 rows may run the Triton skinny kernel where start-up measurements chose it
-(gpu_worker.matmul_tuning sets `skinny`).
+most 64 rows may run through cuBLASLt or the Triton skinny kernel where start-up measurements
+chose them (gpu_worker.matmul_tuning sets `small_batch`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> None:
         self.bias = bias
         self.packed = pack
-        self.skinny: dict = {}  # rows bucket -> SkinnyConfig (gpu_worker.matmul_tuning)
+        self.small_batch: dict = {}  # rows bucket -> MatmulChoice (gpu_worker.matmul_tuning)
         self.weight = (
             torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
             if pack else weight
@@ -43,8 +43,8 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, "none", [], "")
-        if self.skinny and x.dim() == 2 and x.stride(-1) == 1:
-            config = self.skinny.get(bucket_of(x.shape[0]))
-            if config is not None:
-                return config.run(x, self.weight)
+        if self.small_batch and x.dim() == 2 and x.stride(-1) == 1:
+            choice = self.small_batch.get(bucket_of(x.shape[0]))
+            if choice is not None:
+                return choice.run(x, self.weight)
         return F.linear(x, self.weight, self.bias)

@@ -1,14 +1,15 @@
 """Which kernel each decode-sized matrix product runs, measured on the device at start-up.
 
 A decode step multiplies a few rows by every weight; its cost is reading the weights. The vendor
-library is not equally good at every shape: on an H200 at Llama-3.1-8B shapes its M = 16
-gate/up product took 61.5 us where the Triton split-K kernel (triton_kernels.skinny_matmul)
-took 57.4, and its O and down products lose 1-1.5 us each, while other (shape, M) pairs favour
-it (tests/benchmarks/gpu_gemm.py). So each distinct weight shape and each batch bucket up to
-MAX_ROWS is timed once: torch's F.linear against a few skinny-kernel configs, as CUDA-graph
-replays over several layers' weights (no L2 reuse, as in a real step), and the skinny kernel is
-kept only where it is faster by MARGIN and agrees with F.linear. Larger M stays with the vendor
-library, which is compute-bound there and good at it.
+library is not equally good at every shape, nor are its two front ends: on an H200 at
+Llama-3.1-8B shapes (tests/benchmarks/gpu_gemm.py) cuBLAS's M = 16 gate/up product took 61.5 us
+where the Triton split-K kernel (triton_kernels.skinny_matmul) took 57.4, and its M = 64 down
+product 36.3 us where cuBLASLt's heuristics picked a kernel that took 31.6, while other
+(shape, M) pairs favour plain cuBLAS. So each distinct weight shape and each batch bucket up to
+MAX_ROWS is timed once: torch's F.linear (cuBLAS) against F.linear through cuBLASLt and a few
+skinny-kernel configs, as CUDA-graph replays over several layers' weights (no L2 reuse, as in a
+real step), and another choice is kept only where it is faster by MARGIN and agrees with
+F.linear. Larger M stays with cuBLAS, which is compute-bound there and good at it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 MAX_ROWS = 64
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-MARGIN = 0.97  # the skinny kernel must take at most this fraction of the vendor's time
+MARGIN = 0.97  # another choice must take at most this fraction of cuBLAS's time
 # (block_n, block_k, num_warps, num_stages, split): the configs that won some shape on the H200
 CONFIGS = ((64, 128, 4, 5, 1), (32, 128, 4, 3, 1), (32, 256, 4, 5, 1), (64, 128, 4, 3, 4), (64, 128, 4, 5, 2))
 
@@ -44,6 +45,30 @@ class SkinnyConfig:
 
         return skinny_matmul(x, w, block_n=self.block_n, block_k=self.block_k, split=self.split,
                              num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+@dataclass(frozen=True)
+class CublasLt:
+    """F.linear through cuBLASLt (torch's preferred BLAS library, set for this call only; a CUDA
+    graph captured around it keeps the kernel that was chosen)."""
+
+    def run(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        before = torch.backends.cuda.preferred_blas_library()
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        try:
+            return F.linear(x, w)
+        finally:
+            torch.backends.cuda.preferred_blas_library(before)
+
+
+MatmulChoice = SkinnyConfig | CublasLt
+
+
+def pick(cublas_seconds: float, timed: list[tuple[float, MatmulChoice]]) -> MatmulChoice | None:
+    """The fastest of the timed alternatives if it takes at most MARGIN x cuBLAS's time, else
+    None (stay with cuBLAS). Ties go to the earlier candidate."""
+    best = min(timed, key=lambda t: t[0], default=None)
+    return best[1] if best is not None and best[0] <= MARGIN * cublas_seconds else None
 
 
 def bucket_of(rows: int) -> int | None:
@@ -71,36 +96,33 @@ def replay_seconds(fn: Callable[[torch.Tensor], torch.Tensor], weights: list[tor
     return statistics.median(times[2:]) / len(weights)
 
 
-def choose(weights: list[torch.Tensor]) -> dict[int, SkinnyConfig]:
-    """For one weight shape (several layers' copies): bucket -> the skinny config to use there
-    (buckets missing from the result stay with F.linear)."""
+def choose(weights: list[torch.Tensor]) -> dict[int, MatmulChoice]:
+    """For one weight shape (several layers' copies): bucket -> what to run there instead of
+    cuBLAS (buckets missing from the result stay with F.linear)."""
     n, k = weights[0].shape
-    chosen: dict[int, SkinnyConfig] = {}
+    chosen: dict[int, MatmulChoice] = {}
+    candidates: list[MatmulChoice] = [CublasLt()]
+    candidates += [SkinnyConfig(*values) for values in CONFIGS if values[4] * values[1] <= k]
     for rows in BUCKETS:
         x = torch.randn(rows, k, device=weights[0].device, dtype=weights[0].dtype)
         want = F.linear(x, weights[0]).float()
-        vendor = replay_seconds(lambda w: F.linear(x, w), weights)
-        best: tuple[float, SkinnyConfig] | None = None
-        for values in CONFIGS:
-            cfg = SkinnyConfig(*values)
-            if cfg.split * cfg.block_k > k:
-                continue
+        cublas = replay_seconds(lambda w: F.linear(x, w), weights)
+        timed = []
+        for choice in candidates:
             try:
-                got = cfg.run(x, weights[0]).float()
+                got = choice.run(x, weights[0]).float()
                 if ((got - want).norm() / want.norm().clamp_min(1e-30)).item() > 1e-2:
                     continue
-                seconds = replay_seconds(lambda w, cfg=cfg: cfg.run(x, w), weights)
-            except Exception as exc:  # e.g. a config past the device's shared memory
-                log.debug("skinny config %s at %dx%dx%d failed: %r", values, rows, n, k, exc)
-                continue
-            if best is None or seconds < best[0]:
-                best = (seconds, cfg)
-        if best is not None and best[0] <= MARGIN * vendor:
-            chosen[rows] = best[1]
+                timed.append((replay_seconds(lambda w, c=choice: c.run(x, w), weights), choice))
+            except Exception as exc:  # e.g. a config past the device's shared memory, no cuBLASLt
+                log.debug("matmul choice %s at %dx%dx%d failed: %r", choice, rows, n, k, exc)
+        best = pick(cublas, timed)
+        if best is not None:
+            chosen[rows] = best
     return chosen
 
 
-def tune_linears(linears: list, max_copies: int = 8) -> dict[tuple[int, int], dict[int, SkinnyConfig]]:
+def tune_linears(linears: list, max_copies: int = 8) -> dict[tuple[int, int], dict[int, MatmulChoice]]:
     """Measure every distinct weight shape among `linears` (gpu_worker.linear.Linear on CUDA,
     unbiased, bf16/fp16) and hand each its choices. Returns them by (N, K) for the log."""
     start = time.perf_counter()
@@ -112,7 +134,15 @@ def tune_linears(linears: list, max_copies: int = 8) -> dict[tuple[int, int], di
     for shape, ops in by_shape.items():
         result[shape] = choose([op.weight for op in ops[:max_copies]])
         for op in ops:
-            op.skinny = result[shape]
-    log.info("decode matrix products: the Triton skinny kernel at %s, the vendor library elsewhere (%.1f s)",
-             {f"{n}x{k}": sorted(c) for (n, k), c in result.items()} or "no shape", time.perf_counter() - start)
+            op.small_batch = result[shape]
+    log.info("decode matrix products (shape: {rows bucket: choice}), cuBLAS elsewhere: %s (%.1f s)",
+             {f"{n}x{k}": {rows: describe(c) for rows, c in sorted(choices.items())}
+              for (n, k), choices in result.items()}, time.perf_counter() - start)
     return result
+
+
+def describe(choice: MatmulChoice) -> str:
+    if isinstance(choice, CublasLt):
+        return "cublaslt"
+    c = choice
+    return f"skinny(n{c.block_n},k{c.block_k},w{c.num_warps},s{c.num_stages},split{c.split})"

@@ -89,7 +89,7 @@ class ModelRunner:
             self.model.load_weights(iter_safetensors_weights(self.hf_dir))
         self.model.prepare()
         self.backend = select_backend(model_settings, cfg, self.device, self.dtype)
-        if model_settings.skinny_matmul == "auto" and self.backend.name == "triton":
+        if model_settings.matmul_tuning == "auto" and self.backend.name == "triton":
             from gpu_worker.matmul_tuning import tune_linears
 
             tune_linears(self.model.linear_ops())

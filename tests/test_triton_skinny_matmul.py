@@ -75,7 +75,7 @@ def test_a_linear_runs_the_skinny_kernel_in_the_buckets_chosen_for_it(monkeypatc
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(48, 128, generator=gen)
     op = Linear(w, None, pack=False)
-    op.skinny = {4: SkinnyConfig(32, 64, 4, 1, 2)}
+    op.small_batch = {4: SkinnyConfig(32, 64, 4, 1, 2)}
     for rows in (3, 4, 2, 70):
         x = torch.randn(rows, 128, generator=gen)
         torch.testing.assert_close(op(x), x @ w.T, rtol=1e-5, atol=1e-4)
