@@ -98,20 +98,40 @@ def time_decode(rep: Report, bw: float, batches, contexts) -> None:
             del k, v, tables, table_sets
 
 
-def time_decode_tiles(rep: Report) -> None:
-    for batch, context in [(16, 2048), (256, 2048)]:
-        k, v, tables = llama_cache(batch, context)
+DECODE_TILE_SHAPES = ((16, 512), (64, 512), (256, 512), (16, 2048), (256, 2048))
+
+
+def time_decode_tiles(rep: Report, bw: float, shapes=DECODE_TILE_SHAPES) -> None:
+    """Decode attention's tile, warp, pipeline-stage and split choices at the (batch, context)
+    shapes the engine serves, as CUDA-graph replays over enough KV sets to defeat the L2 cache
+    (device time, as a captured decode step sees it)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for batch, context in shapes:
+        kv_bytes = 2 * batch * context * 8 * 128 * 2
+        sets = max(2, min(64, cdiv(256 * 2**20, kv_bytes)))
+        k, v, table_sets = llama_cache(batch, context, sets=sets)
         q = torch.randn(batch, 32, 128, device=DEV, dtype=torch.bfloat16)
         ctx = torch.full((batch,), context, dtype=torch.int32, device=DEV)
         out = torch.empty_like(q)
-        for block_n in (32, 64, 128):
-            for warps in (2, 4, 8):
-                for stages in (2, 3):
-                    t = bench(lambda: tk.paged_decode_attention(q, k, v, tables, ctx, 128**-0.5, out=out,
-                                                                block_n=block_n, num_warps=warps, num_stages=stages))
-                    rep.data["sweeps"].append({"kernel": "decode", "case": f"batch={batch} ctx={context}",
-                                               "block_n": block_n, "num_warps": warps, "num_stages": stages, "ms": t})
-        del k, v, tables
+        default = choose_num_splits(batch, 8, context, sms)
+        for splits in sorted({default, max(1, default // 2), default * 2}):
+            for block_n in (32, 64, 128):
+                for warps in (4, 8):
+                    for stages in (2, 3):
+                        try:
+                            t = graph_bench([
+                                (lambda t=t: tk.paged_decode_attention(
+                                    q, k, v, t, ctx, 128**-0.5, num_splits=splits, out=out, block_n=block_n,
+                                    num_warps=warps, num_stages=stages))
+                                for t in table_sets])
+                        except Exception as exc:  # noqa: BLE001 (e.g. past the shared memory)
+                            t = repr(exc)[:200]
+                        rep.data["sweeps"].append({
+                            "kernel": "decode_tiles", "case": f"batch={batch} ctx={context}", "num_splits": splits,
+                            "default_splits": default, "block_n": block_n, "num_warps": warps,
+                            "num_stages": stages, "graph_ms": t, "floor_ms": kv_bytes / bw * 1e3})
+            print(f"decode tiles batch={batch} ctx={context}: swept splits around {default}", flush=True)
+        del k, v, table_sets
 
 
 def torch_prefill(q, k_cache, v_cache, tables, q_len: int, context: int, scale: float):

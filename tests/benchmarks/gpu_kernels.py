@@ -16,7 +16,8 @@
    1/16/64/256 and context 512/2048, with the floor (KV bytes read / device-to-device copy
    bandwidth measured here), then prefill attention, KV write, RMSNorm+residual, rotary and
    SiLU-and-mul; then small sweeps of the decode split count and the prefill tiles (and, with
-   --tile-sweep, the decode tiles). Decode and the small kernels are also timed as CUDA-graph
+   --tile-sweep, the decode tiles, splits, warps and stages at the shapes decode steps serve, as
+   CUDA-graph replays; --only-tile-sweep runs that sweep alone). Decode and the small kernels are also timed as CUDA-graph
    replays, which leaves out the host's launch cost that an eager call of a few microseconds
    of device work is bound by.
 
@@ -59,6 +60,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="JSON result file")
     parser.add_argument("--quick", action="store_true", help="fewer random cases, no sweeps")
     parser.add_argument("--tile-sweep", action="store_true", help="also sweep the decode kernel's tiles and warps")
+    parser.add_argument("--only-tile-sweep", action="store_true",
+                        help="only the decode tile sweep (no checks, no other timings)")
     parser.add_argument("--budget-s", type=float, default=330.0,
                         help="skip the decode tile sweep once this many seconds have passed")
     args = parser.parse_args()
@@ -77,6 +80,11 @@ def main() -> int:
         rep.data.setdefault("phase_seconds", {})[name] = time.perf_counter() - t0
         rep.save()
 
+    if args.only_tile_sweep:
+        phase("time_decode_tiles", time_decode_tiles, rep, copy_bandwidth())
+        rep.data["seconds"] = time.perf_counter() - start
+        rep.save()
+        return 0
     phase("check_decode", check_decode, rep, 10 if args.quick else 28)
     phase("check_decode_graph", check_decode_graph, rep)
     phase("check_prefill", check_prefill, rep, 8 if args.quick else 20)
@@ -89,7 +97,7 @@ def main() -> int:
     phase("time_prefill", time_prefill, rep, not args.quick)
     phase("time_small", time_small, rep)
     if args.tile_sweep and time.perf_counter() - start < args.budget_s:
-        phase("time_decode_tiles", time_decode_tiles, rep)
+        phase("time_decode_tiles", time_decode_tiles, rep, bw)
     rep.data["seconds"] = time.perf_counter() - start
     rep.save()
     print(f"\n{rep.failures} failed checks of {len(rep.data['checks'])}; {rep.data['seconds']:.0f} s; "
