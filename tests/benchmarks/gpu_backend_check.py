@@ -198,12 +198,12 @@ KERNEL_KINDS = (("attention", ("decode_split", "decode_reduce", "prefill")), ("r
                 ("rotary_kv_write", ("rotary_kv_write",)), ("rotary", ("rotary",)), ("kv_write", ("kv_write",)),
                 ("silu_mul", ("silu_and_mul",)),
                 ("matmul", ("gemm", "gemv", "cutlass", "sm90", "nvjet", "xmma", "cublas", "skinny_matmul",
-                            "sum_splits")))
+                            "sum_splits")),
+                ("sampling", ("argmax", "softmax", "sort", "topk", "gumbel")), ("copy", ("memcpy", "memset")))
 
 
 def kernel_profile(executor, step, iters: int = 5) -> dict:
     """Per step: device time by kernel kind (torch.profiler, CUDA kernels only) against the wall."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     executor.forward(step)
@@ -214,6 +214,17 @@ def kernel_profile(executor, step, iters: int = 5) -> dict:
             executor.forward(step).argmax(-1)
         torch.cuda.synchronize()
         wall = (time.perf_counter() - start) / iters
+    kinds, count = device_time_by_kind(prof, iters)
+    busy = sum(kinds.values())
+    return {"wall_ms": wall * 1e3, "kernel_ms": busy, "idle_ms": wall * 1e3 - busy,
+            "kernels_per_step": count / iters, "by_kind_ms": {k: round(v, 4) for k, v in sorted(kinds.items())}}
+
+
+def device_time_by_kind(prof, steps: int) -> tuple[dict[str, float], int]:
+    """A torch.profiler run's CUDA events (kernels, copies, memsets): milliseconds per step by
+    KERNEL_KINDS, and the number of events."""
+    from torch.autograd import DeviceType
+
     kinds: dict[str, float] = {}
     count = 0
     for e in prof.events():
@@ -222,11 +233,9 @@ def kernel_profile(executor, step, iters: int = 5) -> dict:
         us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
         name = e.name.lower()
         kind = next((k for k, keys in KERNEL_KINDS if any(key in name for key in keys)), "other")
-        kinds[kind] = kinds.get(kind, 0.0) + us / 1e3 / iters
+        kinds[kind] = kinds.get(kind, 0.0) + us / 1e3 / steps
         count += 1
-    busy = sum(kinds.values())
-    return {"wall_ms": wall * 1e3, "kernel_ms": busy, "idle_ms": wall * 1e3 - busy,
-            "kernels_per_step": count / iters, "by_kind_ms": {k: round(v, 4) for k, v in sorted(kinds.items())}}
+    return kinds, count
 
 
 def synthetic_dir(root: Path) -> Path:

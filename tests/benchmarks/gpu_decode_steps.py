@@ -12,7 +12,10 @@ sequences and nothing else it reports the step period (median interval between c
 launches; in steady state the host waits for each step's tokens, so this is the device's pace)
 and the device time of each step (CUDA events from the step's start to its sampling), against
 the floor (weight bytes + B x C x KV bytes per token) / device-to-device copy bandwidth, and a
-torch.profiler breakdown by kernel kind of one synchronised step of the same shape.
+torch.profiler breakdown by kernel kind of one synchronised step of the same shape. With
+--profile-served the same requests are served once more under torch.profiler, and every CUDA
+event of that run (kernels, copies, the sampler's work) is summed by kind per step: what the
+served steps spend that the synchronised forward alone does not show.
 Llama-3.1-8B shapes, dummy bf16 weights; batch 1/16/64/256 x context 512/2048.
 """
 
@@ -31,7 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.benchmarks.gpu_backend_check import copy_bandwidth, decode_step, kernel_profile, synthetic_dir  # noqa: E402
+from tests.benchmarks.gpu_backend_check import (  # noqa: E402
+    copy_bandwidth, decode_step, device_time_by_kind, kernel_profile, synthetic_dir,
+)
 from pdserve.offline_engine import OfflineEngine, make_request  # noqa: E402
 from protocol.config import CacheSettings, ModelSettings, SchedulerSettings  # noqa: E402
 from protocol.sampling import SamplingParams  # noqa: E402
@@ -76,11 +81,29 @@ class StepLog:
         return statistics.median(times[-(NEW_TOKENS - 8):]) if times else float("nan")
 
 
+def served_profile(engine: OfflineEngine, log: StepLog, batch: int, prompts: list, params: SamplingParams) -> dict:
+    """The same requests served again under torch.profiler: per engine step (prefill steps
+    included, so the decode-only share dominates but is not alone), device time by kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    log.clear()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        engine.generate([make_request(f"p{batch}r{i}", p, params, [128001]) for i, p in enumerate(prompts)])
+        torch.cuda.synchronize()
+    steps = len(log.launches)
+    kinds, count = device_time_by_kind(prof, max(1, steps))
+    return {"steps": steps, "decode_only_steps": sum(1 for _, n, d in log.launches if d and n == batch),
+            "device_ms_per_step": sum(kinds.values()), "events_per_step": count / max(1, steps),
+            "by_kind_ms": {k: round(v, 4) for k, v in sorted(kinds.items())}}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--batches", default="1,16,64,256")
     parser.add_argument("--contexts", default="512,2048")
+    parser.add_argument("--profile-served", action="store_true",
+                        help="serve each shape again under torch.profiler: device time per step by kind")
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
     model_dir = synthetic_dir(Path(tempfile.mkdtemp()))
@@ -115,6 +138,11 @@ def main() -> int:
                 row["profile"] = kernel_profile(runner.executor, decode_step(runner, batch, context, rng))
             except Exception as exc:  # the timings above stand without it
                 row["profile"] = repr(exc)
+            if args.profile_served:
+                try:
+                    row["served_profile"] = served_profile(engine, log, batch, prompts, params)
+                except Exception as exc:  # the timings above stand without it
+                    row["served_profile"] = repr(exc)
             rows.append(row)
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
             (args.out / "gpu_decode_steps.json").write_text(json.dumps(report, indent=1))
