@@ -53,26 +53,30 @@ def test_api_key_overload_and_clean_shutdown(smollm2_dir, tmp_path):
 
 def test_request_timeout_then_launcher_stops_everything_when_a_child_dies(smollm2_dir, tmp_path):
     srv = start_server(smollm2_dir, tmp_path, "--request-timeout", "2")
-    for stream in (False, True):  # a request past --request-timeout is aborted with a 503
-        started = time.monotonic()
-        r = httpx.post(f"{srv.url}/v1/chat/completions", json={**CHAT, "max_tokens": 4000, "stream": stream},
-                       timeout=60)
-        assert time.monotonic() - started < 10
-        if stream and r.status_code == 200:  # the stream had begun: the error is its last event
-            assert "timed out" in r.text and r.text.endswith("data: [DONE]\n\n")
-        else:  # not streamed, or (on a loaded machine) timed out before its first token: a plain 503
-            assert r.status_code == 503 and "timed out" in r.json()["error"]["message"]
-    # The aborted requests' blocks are back.
-    assert wait_for(lambda: metric(srv.url, "pdserve:kv_cache_usage_perc") == 0.0, 10)
-    workers = [p for p in srv.child_pids() if b"worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    assert len(workers) == 1
-    os.kill(workers[0], signal.SIGKILL)
-    code = srv.proc.wait(timeout=60)
-    assert code == 1
-    log = srv.log.read_text()
-    assert "worker-0" in log and "exited" in log
-    time.sleep(0.5)
-    assert not srv.child_pids()
+    try:
+        for stream in (False, True):  # a request past --request-timeout is aborted with a 503
+            started = time.monotonic()
+            r = httpx.post(f"{srv.url}/v1/chat/completions", json={**CHAT, "max_tokens": 4000, "stream": stream},
+                           timeout=60)
+            assert time.monotonic() - started < 10
+            if stream and r.status_code == 200:  # the stream had begun: the error is its last event
+                assert "timed out" in r.text and r.text.endswith("data: [DONE]\n\n")
+            else:  # not streamed, or (on a loaded machine) timed out before its first token: a plain 503
+                assert r.status_code == 503 and "timed out" in r.json()["error"]["message"]
+        # The aborted requests' blocks are back.
+        assert wait_for(lambda: metric(srv.url, "pdserve:kv_cache_usage_perc") == 0.0, 10)
+        workers = [p for p in srv.child_pids() if b"worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGKILL)
+        code = srv.proc.wait(timeout=60)
+        assert code == 1
+        log = srv.log.read_text()
+        assert "worker-0" in log and "exited" in log
+        time.sleep(0.5)
+        assert not srv.child_pids()
+    finally:
+        if srv.proc.poll() is None:  # a failed assertion above: do not leave the stack running
+            srv.stop()
 
 
 def test_stages_run_alone_and_a_dead_worker_fails_its_requests(smollm2_dir, tmp_path):
