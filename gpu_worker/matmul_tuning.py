@@ -8,26 +8,25 @@ product 36.3 us where cuBLASLt's heuristics picked a kernel that took 31.6, whil
 (shape, M) pairs favour plain cuBLAS. So each distinct weight shape and each batch bucket up to
 MAX_ROWS is timed once: torch's F.linear (cuBLAS) against F.linear through cuBLASLt and a few
 skinny-kernel configs, as CUDA-graph replays over several layers' weights (no L2 reuse, as in a
-real step), and another choice is kept only where it is faster by MARGIN and agrees with
+real step), and another choice is kept only where it is faster by device_timing.MARGIN and agrees with
 F.linear. Larger M stays with cuBLAS, which is compute-bound there and good at it.
 """
 
 from __future__ import annotations
 
 import logging
-import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from gpu_worker.device_timing import pick, replay_seconds
+
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 64
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-MARGIN = 0.97  # another choice must take at most this fraction of cuBLAS's time
 # (block_n, block_k, num_warps, num_stages, split): the configs that won some shape on the H200
 CONFIGS = ((64, 128, 4, 5, 1), (32, 128, 4, 3, 1), (32, 256, 4, 5, 1), (64, 128, 4, 3, 4), (64, 128, 4, 5, 2))
 
@@ -64,36 +63,9 @@ class CublasLt:
 MatmulChoice = SkinnyConfig | CublasLt
 
 
-def pick(cublas_seconds: float, timed: list[tuple[float, MatmulChoice]]) -> MatmulChoice | None:
-    """The fastest of the timed alternatives if it takes at most MARGIN x cuBLAS's time, else
-    None (stay with cuBLAS). Ties go to the earlier candidate."""
-    best = min(timed, key=lambda t: t[0], default=None)
-    return best[1] if best is not None and best[0] <= MARGIN * cublas_seconds else None
-
-
 def bucket_of(rows: int) -> int | None:
     """The smallest bucket holding `rows` (None past MAX_ROWS)."""
     return next((b for b in BUCKETS if b >= rows), None)
-
-
-def replay_seconds(fn: Callable[[torch.Tensor], torch.Tensor], weights: list[torch.Tensor], reps: int = 7) -> float:
-    """Seconds per product: one product per weight captured in a CUDA graph, median replay."""
-    for w in weights:
-        fn(w)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for w in weights:
-            fn(w)
-    times = []
-    for _ in range(reps + 2):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times[2:]) / len(weights)
 
 
 def choose(weights: list[torch.Tensor]) -> dict[int, MatmulChoice]:

@@ -89,11 +89,11 @@ class ModelRunner:
             self.model.load_weights(iter_safetensors_weights(self.hf_dir))
         self.model.prepare()
         self.backend = select_backend(model_settings, cfg, self.device, self.dtype)
-        if model_settings.matmul_tuning == "auto" and self.backend.name == "triton":
-            from gpu_worker.matmul_tuning import tune_linears
-
-            tune_linears(self.model.linear_ops())
         graph_sizes = self._graph_sizes(model_settings, max_num_seqs)
+        if model_settings.kernel_tuning == "auto" and self.backend.name == "triton":
+            from gpu_worker.kernel_tuning import tune_kernels
+
+            tune_kernels(self.model, self.backend, cfg, graph_sizes, self.dtype, self.block_size, self.max_model_len)
         reserve = 0 if cache_settings.num_kv_blocks is not None else self._reserve_bytes(
             max_num_batched_tokens, max_num_seqs, graph_sizes)
         plan = plan_kv_cache(

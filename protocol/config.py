@@ -35,11 +35,11 @@ class ModelSettings(msgspec.Struct, frozen=True, kw_only=True):
     enforce_eager: bool = False
     overlap_steps: str = "auto"
     chat_template: str | None = None
-    matmul_tuning: str = "auto"
+    kernel_tuning: str = "auto"
 
     def validate(self) -> None:
         _choice("overlap_steps", self.overlap_steps, ("auto", "on", "off"))
-        _choice("matmul_tuning", self.matmul_tuning, ("auto", "off"))
+        _choice("kernel_tuning", self.kernel_tuning, ("auto", "off"))
         _choice("load_format", self.load_format, ("auto", "safetensors", "gguf", "dummy"))
         _choice("attention_backend", self.attention_backend, ("auto", "torch", "cpu-c", "triton"))
         _choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
@@ -215,8 +215,9 @@ SETTING_HELP: dict[str, str] = {
     "per-step work behind the GPU's",
     "chat_template": "a Jinja chat template file that replaces the model's own (the tokenizer "
     "workers render every chat request with it, tools included)",
-    "matmul_tuning": "auto (CUDA, bf16/fp16: time each weight shape's products of up to 64 rows at "
-    "start-up and run cuBLASLt or the Triton split-K kernel where one beats cuBLAS) | off (always cuBLAS)",
+    "kernel_tuning": "auto (CUDA, Triton backend: at start-up, time each weight shape's products of up "
+    "to 64 rows and run cuBLASLt or the Triton split-K kernel where one beats cuBLAS, and each CUDA "
+    "graph's decode-attention splits and tiles) | off (cuBLAS and the default launches)",
     "block_size": "tokens per KV-cache block",
     "memory_utilization": "fraction of device memory (CUDA: total; CPU: available RAM) for "
     "weights + KV cache (default 0.9 on CUDA, 0.1 on CPU)",

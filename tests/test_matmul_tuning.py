@@ -1,9 +1,11 @@
-"""The start-up choice of each small-batch matrix product (gpu_worker.matmul_tuning.pick): the
-timings come from the device, the rule that turns them into a choice is checked here exactly."""
+"""The start-up choice of each small-batch matrix product (gpu_worker.device_timing.pick over
+gpu_worker.matmul_tuning's candidates): the timings come from the device, the rule that turns
+them into a choice is checked here exactly."""
 
 from __future__ import annotations
 
-from gpu_worker.matmul_tuning import MARGIN, CublasLt, SkinnyConfig, describe, pick
+from gpu_worker.device_timing import MARGIN, pick
+from gpu_worker.matmul_tuning import CublasLt, SkinnyConfig, describe
 
 SKINNY = SkinnyConfig(64, 128, 4, 5, 1)
 OTHER = SkinnyConfig(32, 128, 4, 3, 1)

@@ -60,7 +60,7 @@ class CudaGraphExecutor:
         return ids, TritonMetadata(
             positions=positions, slot_mapping=slots, context_lens=ctx, query_start=qstart,
             block_tables=tables, max_query_len=1, decode=True,
-            num_splits=self.backend.decode_splits(bucket, self.max_context),
+            decode_launch=self.backend.graph_decode_launch(bucket, self.max_context),
         )
 
     def _run(self, bucket: int) -> torch.Tensor:

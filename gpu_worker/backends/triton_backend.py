@@ -34,7 +34,7 @@ class TritonMetadata:
     block_tables: torch.Tensor  # int32 [S, W]
     max_query_len: int
     decode: bool  # every sequence one token: the split decode kernel
-    num_splits: int  # decode kernel splits (fixed per launch shape)
+    decode_launch: tk.DecodeLaunch  # splits and tiles of the decode kernel (fixed per launch shape)
     work: torch.Tensor | None = None  # int32 [W, 2] (sequence, query tile) for the prefill kernel
 
 
@@ -50,9 +50,16 @@ class TritonBackend(AttentionBackend):
         self.sliding_window = sliding_window
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         self.staging = HostStaging(device)
+        # CUDA-graph batch size -> the decode launch start-up timings chose (attention_tuning)
+        self.tuned_decode: dict[int, tk.DecodeLaunch] = {}
 
     def decode_splits(self, num_seqs: int, max_context: int) -> int:
         return tk.choose_num_splits(num_seqs, self.num_kv_heads, max_context, self.num_sms)
+
+    def graph_decode_launch(self, bucket: int, max_context: int) -> tk.DecodeLaunch:
+        """The decode launch a CUDA graph of `bucket` sequences captures: the tuned one if start-up
+        timings chose one, else the default tiles with splits for the largest context."""
+        return self.tuned_decode.get(bucket) or tk.DecodeLaunch(self.decode_splits(bucket, max_context))
 
     def prepare(self, step: StepInputs) -> TritonMetadata:
         width = step.block_tables.shape[1]
@@ -64,7 +71,7 @@ class TritonBackend(AttentionBackend):
         return TritonMetadata(
             positions=positions, slot_mapping=slots, context_lens=ctx, query_start=qstart,
             block_tables=tables.view(step.num_seqs, width), max_query_len=step.max_query_len, decode=decode,
-            num_splits=self.decode_splits(step.num_seqs, step.max_context_len) if decode else 1,
+            decode_launch=tk.DecodeLaunch(self.decode_splits(step.num_seqs, step.max_context_len) if decode else 1),
             work=None if work is None else staged[5].view(-1, 2),
         )
 
@@ -79,7 +86,9 @@ class TritonBackend(AttentionBackend):
         if meta.decode:
             return tk.paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
-                sliding_window=self.sliding_window, num_splits=meta.num_splits, out=out,
+                sliding_window=self.sliding_window, num_splits=meta.decode_launch.num_splits, out=out,
+                block_n=meta.decode_launch.block_n, num_warps=meta.decode_launch.num_warps,
+                num_stages=meta.decode_launch.num_stages,
             )
         return tk.paged_prefill_attention(
             q, k_cache, v_cache, meta.block_tables, meta.query_start, meta.context_lens, scale,

@@ -12,7 +12,7 @@ device-side scripts can use it on a machine without the service's dependencies.
 """
 
 from gpu_worker.triton_kernels.activation import silu_and_mul
-from gpu_worker.triton_kernels.decode_attention import choose_num_splits, paged_decode_attention
+from gpu_worker.triton_kernels.decode_attention import DecodeLaunch, choose_num_splits, paged_decode_attention
 from gpu_worker.triton_kernels.kv_write import write_kv_cache
 from gpu_worker.triton_kernels.prefill_attention import (
     paged_prefill_attention, prefill_work_list, query_tile_tokens,
@@ -22,6 +22,7 @@ from gpu_worker.triton_kernels.rotary import rotary_embedding_
 from gpu_worker.triton_kernels.rotary_kv_write import rotary_and_write_kv
 
 __all__ = [
+    "DecodeLaunch",
     "choose_num_splits",
     "fused_add_rms_norm",
     "paged_decode_attention",

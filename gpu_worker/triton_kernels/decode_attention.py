@@ -21,6 +21,7 @@ replayed for any context lengths.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -142,6 +143,20 @@ def _decode_reduce_kernel(
         out_ptr + seq * stride_os + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
         mask=d < HEAD_DIM,
     )
+
+
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """How one decode-attention launch is cut: context splits, keys per tile, warps per program
+    and software-pipeline stages. The tiles set each program's shared memory (stages x 2 x
+    block_n x head_dim elements), hence how many programs a multiprocessor holds at once and how
+    many waves a batch takes; the best cut depends on the GPU, so start-up timings may replace
+    the default per CUDA-graph batch size (gpu_worker.attention_tuning)."""
+
+    num_splits: int
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
 
 
 def choose_num_splits(

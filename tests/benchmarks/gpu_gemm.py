@@ -17,7 +17,7 @@ holds none of them, as in a real step that reads 32 layers' weights), median of 
 reported per product with the bytes read per second and the FLOP/s. The skinny kernel's output
 is checked against F.linear first (bf16, relative error of the whole output).
 
-Imports only torch, triton, gpu_worker.triton_kernels and gpu_worker.matmul_tuning: runs on a bare CUDA image.
+Imports only torch, triton, gpu_worker.triton_kernels and gpu_worker.device_timing: runs on a bare CUDA image.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from gpu_worker.matmul_tuning import replay_seconds  # noqa: E402
+from gpu_worker.device_timing import replay_seconds  # noqa: E402
 from gpu_worker.triton_kernels.skinny_matmul import skinny_matmul  # noqa: E402
 
 DEV = torch.device("cuda")
