@@ -92,7 +92,10 @@ def run_manager(model, gen, cb_config, prompts: list[list[int]], lens: list[int]
             elif result is None and not manager.is_running():
                 break  # the thread stopped and its queue is drained: the rest are MISSING
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "setup_seconds": start - setup, **tally(results, asked)}
+        timed_out = len(results) < len(asked) and manager.is_running()
+        if timed_out:  # fail what is left now rather than generate on behind the next attempt
+            manager.stop(block=True, timeout=60, hard_stop=True)
+    return {"seconds": seconds, "setup_seconds": start - setup, "timed_out": timed_out, **tally(results, asked)}
 
 
 def main() -> int:
@@ -146,7 +149,7 @@ def main() -> int:
         attempt["valid"] = attempt["output_tokens"] == report["asked_tokens"] and attempt["wrong_requests"] == 0
         report["attempts"].append(attempt)
         print(json.dumps(attempt)[:1500], flush=True)
-        if attempt["valid"]:
+        if attempt["valid"] or attempt["timed_out"]:
             break
         torch.cuda.empty_cache() if args.device.startswith("cuda") else None
     best = next((a for a in report["attempts"] if a["valid"]), report["attempts"][-1])
