@@ -21,6 +21,7 @@ the GPU.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import math
@@ -151,6 +152,7 @@ def main() -> int:
         print(json.dumps(attempt)[:1500], flush=True)
         if attempt["valid"] or attempt["timed_out"]:
             break
+        gc.collect()  # the failed manager's cache, before the next one sizes itself to free memory
         torch.cuda.empty_cache() if args.device.startswith("cuda") else None
     best = next((a for a in report["attempts"] if a["valid"]), report["attempts"][-1])
     report.update({k: best[k] for k in ("seconds", "output_tokens", "wrong_requests", "failed_requests", "statuses",
