@@ -146,11 +146,13 @@ def offline(model_dir: Path, work: list[tuple[list[int], int]], device: str, max
 
 
 def hf_generate_batch(model_dir: Path, work: list[tuple[list[int], int]], out: Path, device: str, timeout: int) -> dict:
-    """transformers' continuous batching on the same token ids, in its own process."""
+    """transformers' continuous batching on the same token ids, in its own process. Each of its
+    (at most two) attempts waits a third of `timeout` for its results, so a slow or stuck run still
+    writes its JSON (statuses, errors, `valid`) before this process gives up on it."""
     wl = out.with_suffix(".workload.json")
     wl.write_text(json.dumps({"prompts": [ids for ids, _ in work], "output_lens": [o for _, o in work]}))
     cmd = [sys.executable, str(Path(__file__).with_name("hf_generate_batch.py")), str(model_dir), str(wl), str(out),
-           "--device", device]
+           "--device", device, "--timeout", str(max(30, timeout // 3))]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -177,7 +179,7 @@ def main() -> int:
     p.add_argument("--max-num-seqs", type=int, default=1024)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--profile-seconds", type=int, default=0)
-    p.add_argument("--hf-timeout", type=int, default=240)
+    p.add_argument("--hf-timeout", type=int, default=360)
     p.add_argument("--device", default="cuda")
     p.add_argument("--shape", default="llama-3.1-8b", help="tests/benchmarks/synthetic_model.py shape")
     p.add_argument("--work", default="/tmp/pdserve-gpu-serving")
