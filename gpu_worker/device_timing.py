@@ -25,15 +25,20 @@ def replay_seconds(fn: Callable[[Any], Any], inputs: Sequence[Any], reps: int = 
     with torch.cuda.graph(graph):
         for item in inputs:
             fn(item)
+    return graph_replay_seconds(graph, reps) / len(inputs)
+
+
+def graph_replay_seconds(graph: torch.cuda.CUDAGraph, reps: int = 7, warmup: int = 2) -> float:
+    """Median seconds of one replay of a captured graph (CUDA events), after `warmup` replays."""
     times = []
-    for _ in range(reps + 2):
+    for _ in range(reps + warmup):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times[2:]) / len(inputs)
+    return statistics.median(times[warmup:])
 
 
 def pick(default_seconds: float, timed: list[tuple[float, T]]) -> T | None:

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from gpu_worker.backends.executor import EagerExecutor  # noqa: E402
 from gpu_worker.backends.torch_backend import TorchBackend  # noqa: E402
+from gpu_worker.device_timing import graph_replay_seconds  # noqa: E402
 from gpu_worker.runner import ModelRunner  # noqa: E402
 from gpu_worker.step_inputs import step_inputs_from_arrays  # noqa: E402
 from pdserve.offline_engine import OfflineEngine, make_request  # noqa: E402
@@ -183,15 +184,7 @@ def replay_time(executor, step, iters: int = 20) -> float:
     """Device time of the captured graph alone (no host packing or copies), CUDA events."""
     executor.forward(step)  # stages this step's inputs into the graph's buffers
     graph = executor.graphs[min(b for b in executor.sizes if b >= step.num_seqs)]
-    times = []
-    for _ in range(iters + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times[3:])
+    return graph_replay_seconds(graph, iters, warmup=3)
 
 
 KERNEL_KINDS = (("attention", ("decode_split", "decode_reduce", "prefill")), ("rms_norm", ("rms_norm",)),
