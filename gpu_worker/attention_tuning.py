@@ -89,7 +89,7 @@ def _time_launches(
     chosen: dict[int, DecodeLaunch] = {}
     for batch in sizes:
         kv_bytes = batch * context * token_bytes
-        sets = max(1, min(num_blocks // (batch * per_seq), -(-L2_DEFEAT_BYTES // kv_bytes), 32))
+        sets = max(1, min((num_blocks - 1) // (batch * per_seq), -(-L2_DEFEAT_BYTES // kv_bytes), 32))
         order = torch.randperm(num_blocks - 1, generator=gen, device=device)[: sets * batch * per_seq] + 1
         tables = list(order.to(torch.int32).view(sets, batch, per_seq).unbind(0))
         q = torch.randn(batch, num_q_heads, head_dim, generator=gen, device=device, dtype=dtype)
