@@ -26,6 +26,5 @@ def tune_kernels(model, backend, cfg, graph_sizes: list[int], dtype: torch.dtype
         try:
             tune_decode_attention(backend, graph_sizes, cfg.num_attention_heads, cfg.num_key_value_heads,
                                   cfg.head_dim, dtype, block_size, max_model_len)
-        except Exception:
+        except Exception:  # tuned_decode is set only once the timings are done: still the defaults
             log.exception("decode-attention tuning failed; the default launches")
-            backend.tuned_decode = {}

@@ -116,5 +116,5 @@ def tune_linears(linears: list, max_copies: int = 8) -> dict[tuple[int, int], di
 def describe(choice: MatmulChoice) -> str:
     if isinstance(choice, CublasLt):
         return "cublaslt"
-    c = choice
-    return f"skinny(n{c.block_n},k{c.block_k},w{c.num_warps},s{c.num_stages},split{c.split})"
+    return (f"skinny(n{choice.block_n},k{choice.block_k},w{choice.num_warps},s{choice.num_stages},"
+            f"split{choice.split})")
