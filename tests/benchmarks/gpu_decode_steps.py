@@ -22,6 +22,7 @@ Llama-3.1-8B shapes, dummy bf16 weights; batch 1/16/64/256 x context 512/2048.
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import statistics
 import sys
@@ -105,6 +106,7 @@ def main() -> int:
     parser.add_argument("--profile-served", action="store_true",
                         help="serve each shape again under torch.profiler: device time per step by kind")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")  # start-up tuning picks
     bandwidth = copy_bandwidth()
     model_dir = synthetic_dir(Path(tempfile.mkdtemp()))
     engine = OfflineEngine(ModelSettings(model=str(model_dir), load_format="dummy", device="cuda", dtype="bfloat16"),
