@@ -16,7 +16,8 @@ each, merged with what an earlier run of another phase wrote there):
   the all-at-once run, as collapsed stacks in DIR/pyspy-*.txt.
 - offline: pdserve's offline engine on the same ShareGPT-like prompts, and on random 1024-token
   prompts x 128 tokens.
-- hf: transformers' continuous batching (tests/benchmarks/hf_generate_batch.py) on both loads.
+- hf: transformers' continuous batching (tests/benchmarks/hf_generate_batch.py) on both loads, or
+  with `--hf-prompts N` on their first N requests (which the offline phase then also runs).
 """
 
 from __future__ import annotations
@@ -180,6 +181,9 @@ def main() -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--profile-seconds", type=int, default=0)
     p.add_argument("--hf-timeout", type=int, default=360)
+    p.add_argument("--hf-prompts", type=int, default=0,
+                   help="give transformers only the first N requests of each load (0: all); the offline "
+                        "phase then also runs those N, so both engines have a figure on the same requests")
     p.add_argument("--device", default="cuda")
     p.add_argument("--shape", default="llama-3.1-8b", help="tests/benchmarks/synthetic_model.py shape")
     p.add_argument("--work", default="/tmp/pdserve-gpu-serving")
@@ -206,15 +210,17 @@ def main() -> int:
     sharegpt = [(tok.encode(p), o) for p, o in kept]
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     rand = random_work(args.random_prompts, 1024, 128, vocab, seed=1)
+    loads = [("sharegpt", sharegpt), ("random_1024_128", rand)]
+    subset = [(f"{name}_first{args.hf_prompts}", items[:args.hf_prompts]) for name, items in loads] if args.hf_prompts else []
     if "offline" in phases:
-        for name, items in (("offline_sharegpt", sharegpt), ("offline_random_1024_128", rand)):
+        for name, items in [(f"offline_{n}", i) for n, i in loads + subset]:
             if name.split("_")[1] not in args.loads:
                 continue
             report[name] = offline(model_dir, items, args.device, args.max_num_seqs, args.max_num_batched_tokens)
             print(name, json.dumps(report[name]), flush=True)
             save()
     if "hf" in phases:
-        for name, items in (("hf_sharegpt", sharegpt), ("hf_random_1024_128", rand)):
+        for name, items in [(f"hf_{n}", i) for n, i in (subset or loads)]:
             if name.split("_")[1] not in args.loads:
                 continue
             report[name] = hf_generate_batch(model_dir, items, out / f"{name}.json", args.device, args.hf_timeout)
