@@ -74,6 +74,7 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True):
     kv_transfer_timeout: float = 30.0
     drain_timeout: float = 60.0
     check_integrity_interval: float = 0.0
+    log_stats_interval: float = 10.0
 
     def validate(self) -> None:
         if self.max_num_seqs < 1:
@@ -94,8 +95,9 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(f"max_waiting_requests must be >= 1, got {self.max_waiting_requests}")
         if self.max_queue_time is not None and self.max_queue_time <= 0:
             raise ConfigError(f"max_queue_time must be > 0, got {self.max_queue_time}")
-        if self.check_integrity_interval < 0:
-            raise ConfigError(f"check_integrity_interval must be >= 0, got {self.check_integrity_interval}")
+        for name in ("check_integrity_interval", "log_stats_interval"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 class EndpointSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -241,6 +243,9 @@ SETTING_HELP: dict[str, str] = {
     "move to other workers",
     "check_integrity_interval": "seconds between full checks of every worker's KV accounting "
     "(0: only after failures); for tests and debugging",
+    "log_stats_interval": "seconds between the scheduler's throughput lines in the log (steps/s, "
+    "tokens computed and generated per second, workers busy, running, waiting, KV cache use), "
+    "logged while there is work; 0: none",
     "host": "address the HTTP gateway listens on",
     "port": "HTTP port of the gateway",
     "api_key": "require 'Authorization: Bearer <key>' on /v1 routes",

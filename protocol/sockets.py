@@ -156,9 +156,9 @@ async def handle_each(recv: Callable[[], Awaitable[T]], handle: Callable[[T], Aw
 
     Awaiting a zmq.asyncio receive or send that can complete at once does not suspend (nor, since
     Python 3.12, does asyncio.wait_for around it). Without the turn, a burst on one socket runs
-    to its end before any other loop of the process moves: in the scheduler, 2,000 requests
-    arriving at once held back the workers' step results until all were added, and the GPU sat
-    idle. A handler that raises is logged and the loop goes on: one bad message must not stop a
+    to its end before any other loop of the process moves: in the scheduler, a burst of new
+    requests would hold back the workers' step results (and the next plans) until every one was
+    added. A handler that raises is logged and the loop goes on: one bad message must not stop a
     process.
     """
     while True:

@@ -40,6 +40,7 @@ from scheduler_svc.request import Request, RequestStatus
 from scheduler_svc.effects import Effects
 from scheduler_svc.handoffs import Handoff, KVHandoffs, Transfer
 from scheduler_svc.routing import Route, choose_route
+from scheduler_svc.throughput_log import WorkTotals
 from scheduler_svc.worker_scheduler import QueueFull, RequestRejected
 from scheduler_svc.worker_slot import DEAD, DRAINING, READY, WorkerSlot
 
@@ -71,6 +72,7 @@ class CentralScheduler(KVHandoffs):
         self.step_tokens: list[int] = []  # tokens of each plan since the last stats (bounded)
         self.num_migrations = 0
         self.integrity_checks = 0
+        self.work = WorkTotals()  # every worker's steps and tokens since start (throughput_log)
         # Cumulative counters of workers that left, so stack-wide totals never go backwards.
         self.departed_counts = {"prefix_cache_queries": 0, "prefix_cache_hits": 0, "num_preemptions": 0}
 
@@ -212,6 +214,11 @@ class CentralScheduler(KVHandoffs):
         slot.busy_seconds += result.execute_seconds
         slot.gpu_seconds += result.gpu_seconds
         slot.gpu_gap_seconds += result.gpu_gap_seconds
+        computed = 0 if plan is None else (sum(s.num_scheduled_tokens for s in plan.new_seqs)
+                                           + sum(s.num_scheduled_tokens for s in plan.cached_seqs))
+        w = self.work  # a plan that only frees finished requests is not a step
+        self.work = WorkTotals(w.steps + (computed > 0), w.computed_tokens + computed,
+                               w.generated_tokens + len(result.request_ids), w.busy_seconds + result.execute_seconds)
         outs = slot.scheduler.update(result)
         self._note_outputs(outs, now, effects)  # a first token goes out before any handoff news
         self._prefilled(slot, slot.scheduler.take_handoffs(), now, effects)

@@ -61,6 +61,7 @@ from scheduler_svc.detok_table import DetokTable
 from scheduler_svc.effects import Effects
 from scheduler_svc.service_timing import SEND_TIMEOUT, UNKNOWN_REPLY_INTERVAL
 from scheduler_svc.service_upkeep import ServiceUpkeep
+from scheduler_svc.throughput_log import ThroughputLog
 from scheduler_svc.worker_scheduler import QueueFull, RequestRejected
 from scheduler_svc.worker_slot import DEAD, WorkerSlot
 
@@ -92,6 +93,7 @@ class SchedulerService(ServiceUpkeep):
         self.unknown_replied: dict[bytes, float] = {}
         self.integrity_failures = 0
         self._last_integrity = time.monotonic()
+        self.throughput_log = ThroughputLog(sched.log_stats_interval, time.monotonic())
 
     async def run(self) -> None:
         tasks = [

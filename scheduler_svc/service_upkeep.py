@@ -1,7 +1,8 @@
 """The scheduler process's periodic upkeep, every STATS_INTERVAL: workers silent past the liveness
 timeout are declared dead, transfers and queued requests past their limits expire, old memories
 of ended and early-aborted requests are pruned, lost detokenizers are handled, integrity is
-checked on its interval, and SchedulerStats go to the gateway.
+checked on its interval, SchedulerStats go to the gateway, and the throughput line is logged on
+--log-stats-interval.
 
 These methods are part of SchedulerService (which inherits them); they live here so the event
 handlers in `scheduler_process.py` read on their own.
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 from protocol.messages import FinishReason, SchedulerStats
 from scheduler_svc.admission import batch_capacity, queued_too_long, waiting_bound
 from scheduler_svc.service_timing import EARLY_ABORT_MEMORY, SEND_TIMEOUT, STATS_INTERVAL
+from scheduler_svc.throughput_log import ThroughputLog
 from scheduler_svc.worker_slot import DEAD, READY
 
 if TYPE_CHECKING:
@@ -40,6 +42,7 @@ class ServiceUpkeep:
     ended: dict[str, float]
     unknown_replied: dict[bytes, float]
     integrity_failures: int
+    throughput_log: ThroughputLog
     _last_integrity: float
     # and its methods _declare_dead, _apply, _abort, _fail, _detok_lost and _check_integrity
 
@@ -68,7 +71,20 @@ class ServiceUpkeep:
             if interval > 0 and now - self._last_integrity >= interval:
                 self._last_integrity = now
                 self._check_integrity()
+            self._log_throughput()
             await self.gateway.send_within(self.stats(), SEND_TIMEOUT)  # the next one follows
+
+    def _log_throughput(self) -> None:
+        c = self.central
+        slots = list(c.workers.values())
+        total = sum(s.kv.num_usable_blocks for s in slots)
+        line = self.throughput_log.line(
+            time.monotonic(), c.work, running=sum(len(s.scheduler.running) for s in slots),
+            waiting=sum(len(s.scheduler.waiting) for s in slots),
+            kv_usage=sum(s.kv.num_usable_blocks * s.kv.usage for s in slots) / total if total else 0.0,
+            ready_workers=sum(1 for s in slots if s.state == READY))
+        if line is not None:
+            log.info("%s", line)
 
     async def _expire_queued(self, limit: float) -> None:
         """Fail requests that waited longer than --max-queue-time for their first step."""

@@ -211,3 +211,15 @@ def test_a_request_goes_to_a_worker_whose_context_holds_it() -> None:
         c.central.add(AddRequest("huge", toks(1, 300), SamplingParams(), [], c.now), c.now)
     c.run()
     assert c.outputs["long"] == c.expected("long", 3)
+
+
+def test_work_totals_count_every_step_s_computed_and_generated_tokens() -> None:
+    """What the throughput log reports: a 10-token prompt and 5 output tokens on one worker are
+    one prefill step (10 tokens computed, 1 generated) and 4 decode steps (1 and 1 each); the
+    plan that only tells the worker to drop the finished request is not a step."""
+    c = Cluster([M])
+    c.add("a", toks(1, 10), max_tokens=5)
+    c.run()
+    assert c.outputs["a"] == c.expected("a", 5)
+    work = c.central.work
+    assert (work.steps, work.computed_tokens, work.generated_tokens) == (5, 14, 5)

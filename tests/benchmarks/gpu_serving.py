@@ -238,7 +238,7 @@ def serve(args, model_dir: Path, data: Path, kept: list, out: Path, report: dict
     port = free_port()
     log = out / "stack.log"
     flags = ["--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-             "--seed", "7"]
+             "--seed", "7", "--log-stats-interval", "1"]  # stack.log: a 1 s timeline of the run
     cmd = [sys.executable, "-m", "pdserve.cli", "--log-level", "INFO", "up", "--model", str(model_dir),
            "--served-model-name", "m", "--port", str(port), "--device", args.device, "--load-format", "dummy",
            "--tokenizers", "4", "--detokenizers", "4", *flags]
