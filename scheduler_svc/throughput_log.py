@@ -46,7 +46,8 @@ class ThroughputLog:
         generated = totals.generated_tokens - self._last.generated_tokens
         busy = totals.busy_seconds - self._last.busy_seconds
         self._since, self._last, self._was_active = now, totals, active
-        busy_share = busy / (elapsed * ready_workers) if ready_workers else 0.0
+        # a step is counted in the interval it ends in, so a share can pass 1 by a step's length
+        busy_share = min(1.0, busy / (elapsed * ready_workers)) if ready_workers else 0.0
         return (f"{steps / elapsed:.1f} steps/s, computed {computed / elapsed:.0f} tok/s, "
                 f"generated {generated / elapsed:.0f} tok/s, workers busy {100 * busy_share:.0f}% "
                 f"({ready_workers} ready), running {running}, waiting {waiting}, "

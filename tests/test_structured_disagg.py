@@ -5,6 +5,7 @@ colocated engine's, token for token."""
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import jsonschema
@@ -49,7 +50,12 @@ def test_prefill_and_decode_workers_share_one_grammar(smollm2_dir, smollm2_token
             text = resp.choices[0].message.content
             assert text == want
             jsonschema.validate(json.loads(text), SCHEMA)
-        workers = {w["role"]: w for w in httpx.get(f"{srv.url}/workers").json()}
-        assert workers["decode"]["transfers_done"] >= len(QUESTIONS)  # decoded on the other worker
+        deadline = time.monotonic() + 10  # /workers shows the scheduler's stats, sent every 0.5 s
+        while True:  # decoded on the other worker:
+            workers = {w["role"]: w for w in httpx.get(f"{srv.url}/workers").json()}
+            if workers["decode"]["transfers_done"] >= len(QUESTIONS) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert workers["decode"]["transfers_done"] >= len(QUESTIONS)
     finally:
         srv.stop()

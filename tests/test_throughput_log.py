@@ -49,3 +49,10 @@ def test_interval_zero_turns_it_off_and_a_negative_one_is_refused() -> None:
     SchedulerSettings(log_stats_interval=0.0).validate()
     with pytest.raises(ConfigError, match="log_stats_interval must be >= 0"):
         SchedulerSettings(log_stats_interval=-1.0).validate()
+
+
+def test_a_step_counted_in_the_interval_it_ends_in_does_not_read_as_more_than_all_busy() -> None:
+    log = ThroughputLog(interval=1.0, now=0.0)
+    line = log.line(1.0, WorkTotals(steps=3, busy_seconds=1.2), running=1, waiting=0, kv_usage=0.0,
+                    ready_workers=1)
+    assert "workers busy 100% (1 ready)" in line
