@@ -11,8 +11,6 @@ drop it or fail.
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 import zmq
@@ -148,23 +146,3 @@ class DealerSocket(_Socket, Generic[TIn, TOut]):
 
     async def send(self, msg: TOut) -> None:
         await self.socket.send_multipart(self.codec_out.encode(msg), copy=False)
-
-
-async def handle_each(recv: Callable[[], Awaitable[T]], handle: Callable[[T], Awaitable[None]],
-                      log: logging.Logger) -> None:
-    """Receive and handle messages one at a time, forever, giving the event loop a turn after each.
-
-    Awaiting a zmq.asyncio receive or send that can complete at once does not suspend (nor, since
-    Python 3.12, does asyncio.wait_for around it). Without the turn, a burst on one socket runs
-    to its end before any other loop of the process moves: in the scheduler, a burst of new
-    requests would hold back the workers' step results (and the next plans) until every one was
-    added. A handler that raises is logged and the loop goes on: one bad message must not stop a
-    process.
-    """
-    while True:
-        msg = await recv()
-        try:
-            await handle(msg)
-        except Exception:
-            log.exception("while handling %r", type(msg).__name__)
-        await asyncio.sleep(0)

@@ -55,7 +55,7 @@ from protocol.messages import (
     WorkerRefused,
     WorkerUnknown,
 )
-from protocol.sockets import PullSocket, PushSocket, RouterSocket, handle_each
+from protocol.sockets import PullSocket, PushSocket, RouterSocket
 from scheduler_svc.central import CentralScheduler, NoWorkerReady
 from scheduler_svc.detok_table import DetokTable
 from scheduler_svc.effects import Effects
@@ -97,9 +97,9 @@ class SchedulerService(ServiceUpkeep):
 
     async def run(self) -> None:
         tasks = [
-            asyncio.create_task(handle_each(self.inbound.recv, self._on_inbound, log)),
-            asyncio.create_task(handle_each(self.workers_sock.recv, self._on_worker, log)),
-            asyncio.create_task(handle_each(self.detok_sock.recv, self._on_detok, log)),
+            asyncio.create_task(self._loop(self.inbound.recv, self._on_inbound)),
+            asyncio.create_task(self._loop(self.workers_sock.recv, self._on_worker)),
+            asyncio.create_task(self._loop(self.detok_sock.recv, self._on_detok)),
             asyncio.create_task(self._housekeeping()),
         ]
         try:
@@ -110,6 +110,14 @@ class SchedulerService(ServiceUpkeep):
             for s in (self.inbound, self.workers_sock, self.detok_sock, self.gateway):
                 s.close()
             self.ctx.term()
+
+    async def _loop(self, recv, handle) -> None:
+        while True:
+            msg = await recv()
+            try:
+                await handle(msg)
+            except Exception:  # one bad message must not stop the scheduler
+                log.exception("while handling %r", type(msg).__name__)
 
     # ------------------------------------------------------------------ requests
 
