@@ -230,3 +230,21 @@ def test_failed_grammars_are_reported_per_row_and_spare_the_others(compiler, smo
     assert rows[1] == rows[3] == set(eos)  # failed rows: EOS only, harmless to sample
     digit_ids = smollm2_tokenizer.hf_tokenizer.encode("7", add_special_tokens=False)
     assert set(digit_ids) <= rows[2] and not set(letters) & rows[2] and not set(eos) & rows[2]
+
+
+def test_tokens_past_the_end_of_the_output_are_not_a_grammar_failure(compiler, smollm2_tokenizer, caplog):
+    """EOS ends a structured output; a step launched before that EOS was read back (overlapped or
+    pipelined steps) has sampled one more token for the row, which the scheduler drops. Syncing
+    it must not fail the grammar: no 'structured output failed' warning and no error for a
+    request that ended well."""
+    tok = smollm2_tokenizer
+    eos = tok.eos_token_ids
+    ids = tok.hf_tokenizer.encode(json.dumps({"city": "Oslo", "n": 2}), add_special_tokens=False)
+    prompt = [1, 2, 3]
+    g = SeqGrammar.start(compiler, json_schema_output(SCHEMA), eos)
+    g.sync(prompt + ids + [eos[0]], len(prompt))
+    assert not g.failed and not caplog.records
+    g.sync(prompt + ids + [eos[0], eos[0]], len(prompt))
+    g.sync(prompt + ids + [eos[0], eos[0], 42], len(prompt))
+    assert not g.failed and g.error == ""
+    assert _allowed(g) == set(eos)  # and the row can still only end

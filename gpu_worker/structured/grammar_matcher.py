@@ -67,9 +67,12 @@ class SeqGrammar:
             return
         pending = list(token_ids[num_prompt_tokens + self.num_consumed:])
         self.num_consumed = num_outputs
-        if not self.matcher.consume_tokens(pending):
+        consumed = self.matcher.try_consume_tokens(pending)
+        # Past a stop (EOS ended the output) come only tokens of steps launched before that EOS
+        # was read back (overlapped or pipelined steps); the scheduler drops them.
+        if consumed < len(pending) and not self.matcher.is_stopped():
             self.fail("the output does not match the grammar: "
-                      + (self.matcher.get_error() or f"tokens {pending[:8]} were refused"))
+                      + (self.matcher.get_error() or f"tokens {pending[consumed:consumed + 8]} were refused"))
 
     def fill(self, row: np.ndarray) -> None:
         """Write the next token's allowed set into `row` (int32 words): the grammar's, or
