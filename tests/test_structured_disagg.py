@@ -41,6 +41,10 @@ def test_prefill_and_decode_workers_share_one_grammar(smollm2_dir, smollm2_token
     srv = start_server(smollm2_dir, tmp_path, "--served-model-name", MODEL, "--prefill-workers", "1",
                        "--decode-workers", "1", "--max-local-prefill-tokens", "0")
     try:
+        deadline = time.monotonic() + 60  # /ready needs one worker: a prompt sent before the decode
+        while time.monotonic() < deadline and {"prefill", "decode"} - {  # worker registers runs whole
+                w["role"] for w in httpx.get(f"{srv.url}/workers").json() if w["state"] == "ready"}:
+            time.sleep(0.2)
         client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
         for question, want in zip(QUESTIONS, expected):
             resp = client.chat.completions.create(
@@ -51,7 +55,7 @@ def test_prefill_and_decode_workers_share_one_grammar(smollm2_dir, smollm2_token
             assert text == want
             jsonschema.validate(json.loads(text), SCHEMA)
         deadline = time.monotonic() + 10  # /workers shows the scheduler's stats, sent every 0.5 s
-        while True:  # decoded on the other worker:
+        while True:  # both decoded on the other worker:
             workers = {w["role"]: w for w in httpx.get(f"{srv.url}/workers").json()}
             if workers["decode"]["transfers_done"] >= len(QUESTIONS) or time.monotonic() > deadline:
                 break
